@@ -1,0 +1,118 @@
+"""`QDetrConfig`: DETR's configuration plus the quantization choices of Q-DETR."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import DetrConfig
+
+DA_LOCATIONS = ("cross_attention", "self_attention", "both", "none")
+OFFSET_INITS = ("zero", "minmax")
+
+
+def _check_bits(value: object, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+        raise ValueError(f"QDetrConfig.{field} must be an integer between 2 and 8, got {value!r}.")
+
+
+@strict
+class QDetrConfig(DetrConfig):
+    r"""Configuration of a low-bit quantized DETR ([`QDetrForObjectDetection`]).
+
+    Every DETR field is inherited unchanged from [`transformers.DetrConfig`]; the fields below choose what is
+    quantized and how. Defaults follow Q-DETR (Xu et al., CVPR 2023, arXiv 2304.00253) unless marked as a project
+    decision (the paper leaves the point open).
+
+    Args:
+        weight_bits (`int`, defaults to 4):
+            Bits of the LSQ per-output-channel weight quantizers of the quantized Conv2d/Linear layers (paper: W in
+            W-A-Attention, 2/3/4).
+        activation_bits (`int`, defaults to 4):
+            Bits of the LSQ+ input quantizers of the quantized Conv2d/Linear layers (paper: A, 2/3/4).
+        attention_bits (`int`, defaults to 8):
+            Bits of the query, key, value and softmax-output quantizers inside attention (paper: 8).
+        first_conv_bits (`int`, defaults to 8):
+            Weight and input bits of the backbone's first convolution, the one that sees the image (paper: stem at
+            8 bits, following Bi-Real/ReActNet).
+        quantize_backbone (`bool`, defaults to `True`):
+            Quantize the backbone convolutions. Q-DETR's first training stage quantizes only the backbone.
+        quantize_encoder (`bool`, defaults to `True`):
+            Quantize the encoder's attention projections, FFN and attention (q, k, v, softmax).
+        quantize_decoder (`bool`, defaults to `True`):
+            Quantize the decoder's self- and cross-attention projections, FFN and attention.
+        distribution_alignment (`str`, defaults to `"cross_attention"`):
+            Where Distribution Alignment standardises the attention query before its quantizer: `"cross_attention"`
+            (the decoder co-attention, as in the paper), `"self_attention"` (the decoder self-attention, as in the
+            authors' released code), `"both"` or `"none"`. Statistics are over `head_dim` per token and head, with a
+            `head_dim`-sized affine shared across heads (project decision). Only used when the decoder is quantized.
+        distribution_alignment_eps (`float`, defaults to 1e-5):
+            Epsilon of the DA standardisation (paper: 1e-5).
+        activation_offset (`bool`, defaults to `True`):
+            Learn an LSQ+ offset in every activation quantizer (the paper's baseline). `False` gives plain LSQ.
+        activation_offset_init (`str`, defaults to `"zero"`):
+            Initialisation of activation step and offset at calibration. `"zero"`: LSQ step `2 mean|x| / sqrt(Qp)` and
+            zero offset (the paper's stated init); `"minmax"`: LSQ+'s min/max init (project option).
+
+    Example:
+
+    ```python
+    >>> from qdetr_hf import QDetrConfig, QDetrForObjectDetection
+    >>> config = QDetrConfig(weight_bits=3, activation_bits=3, backbone="resnet18")
+    >>> model = QDetrForObjectDetection(config)  # random weights, quantizers still to be calibrated
+    ```
+    """
+
+    model_type = "qdetr"
+
+    weight_bits: int = 4
+    activation_bits: int = 4
+    attention_bits: int = 8
+    first_conv_bits: int = 8
+    quantize_backbone: bool = True
+    quantize_encoder: bool = True
+    quantize_decoder: bool = True
+    distribution_alignment: str = "cross_attention"
+    distribution_alignment_eps: float = 1e-5
+    activation_offset: bool = True
+    activation_offset_init: str = "zero"
+
+    def __post_init__(self, **kwargs):
+        # A real-valued DETR config.json (model_type "detr") loaded through QDetrConfig becomes a Q-DETR config.
+        kwargs.pop("model_type", None)
+        self.model_type = type(self).model_type
+        for field in ("weight_bits", "activation_bits", "attention_bits", "first_conv_bits"):
+            _check_bits(getattr(self, field), field)
+        if self.distribution_alignment not in DA_LOCATIONS:
+            raise ValueError(
+                f"QDetrConfig.distribution_alignment must be one of {DA_LOCATIONS}, got {self.distribution_alignment!r}."
+            )
+        if not self.distribution_alignment_eps > 0:
+            raise ValueError(
+                f"QDetrConfig.distribution_alignment_eps must be > 0, got {self.distribution_alignment_eps!r}."
+            )
+        if self.activation_offset_init not in OFFSET_INITS:
+            raise ValueError(
+                f"QDetrConfig.activation_offset_init must be one of {OFFSET_INITS}, got {self.activation_offset_init!r}."
+            )
+        if self.activation_offset_init == "minmax" and not self.activation_offset:
+            raise ValueError(
+                "QDetrConfig.activation_offset_init='minmax' needs activation_offset=True (plain LSQ has no offset)."
+            )
+        super().__post_init__(**kwargs)
+
+    @property
+    def bit_notation(self) -> str:
+        """The paper's W-A-Attention notation, e.g. ``"4-4-8"``."""
+        return f"{self.weight_bits}-{self.activation_bits}-{self.attention_bits}"
+
+    @property
+    def aligns_cross_attention(self) -> bool:
+        """Whether DA is applied to the decoder cross-attention query."""
+        return self.distribution_alignment in ("cross_attention", "both")
+
+    @property
+    def aligns_self_attention(self) -> bool:
+        """Whether DA is applied to the decoder self-attention query."""
+        return self.distribution_alignment in ("self_attention", "both")
+
+
+__all__ = ["QDetrConfig"]

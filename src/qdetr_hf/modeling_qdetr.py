@@ -1,0 +1,259 @@
+"""`QDetrForObjectDetection`: transformers' DETR with LSQ-quantized backbone, encoder and decoder (Q-DETR)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.modeling_utils import AttentionInterface
+from transformers.models.detr.modeling_detr import (
+    DetrCrossAttention,
+    DetrForObjectDetection,
+    DetrSelfAttention,
+    eager_attention_forward,
+)
+from transformers.utils import logging
+
+from .configuration_qdetr import QDetrConfig
+from .quantization import (
+    DistributionAlignment,
+    LSQActivationQuantizer,
+    QuantAttention,
+    QuantConv2d,
+    QuantLinear,
+    is_calibrated,
+)
+
+logger = logging.get_logger(__name__)
+
+QDETR_ATTENTION = "qdetr"
+"""Name of the attention implementation registered by this module in transformers' ``AttentionInterface``."""
+
+
+def qdetr_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention function of Q-DETR, registered as ``"qdetr"`` in transformers' ``AttentionInterface``.
+
+    Modules carrying an ``attn_quantizer`` (:class:`~qdetr_hf.quantization.QuantAttention`) get DA and the q / k / v /
+    softmax quantizers; any other attention module (e.g. the encoder during Q-DETR's backbone-only first stage) runs
+    the library's eager attention unchanged.
+    """
+    quantizer = getattr(module, "attn_quantizer", None)
+    if quantizer is None:
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+    return quantizer(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+
+
+AttentionInterface.register(QDETR_ATTENTION, qdetr_attention_forward)
+# The quantized path adds the mask to the scores like the eager path, so it takes eager-style (additive) masks.
+AttentionMaskInterface.register(QDETR_ATTENTION, eager_mask)
+
+
+class QDetrForObjectDetection(DetrForObjectDetection):
+    r"""DETR with low-bit LSQ-quantized layers, as in Q-DETR (Xu et al., CVPR 2023).
+
+    Same forward signature and outputs as [`transformers.DetrForObjectDetection`]. Built from a [`QDetrConfig`], it
+    replaces, where the config asks for it:
+
+    * every `nn.Conv2d` of the backbone by a [`~qdetr_hf.quantization.QuantConv2d`] (the first one, which sees the
+      image, at `first_conv_bits`);
+    * the q/k/v/o projections and FFN layers of the encoder and decoder by [`~qdetr_hf.quantization.QuantLinear`];
+    * the attention score/value product by a quantized one (q, k, v and softmax output at `attention_bits`), with
+      Distribution Alignment on the decoder queries chosen by `distribution_alignment`.
+
+    LayerNorms, (frozen) BatchNorms, the input projection, query embeddings and the class/box heads stay real-valued.
+
+    Converting a real-valued DETR checkpoint is one call; every real weight is loaded and every weight step is set to
+    its LSQ init computed from the loaded weights:
+
+    ```python
+    >>> model = QDetrForObjectDetection.from_pretrained("facebook/detr-resnet-50", weight_bits=4, activation_bits=4)
+    >>> qdetr_hf.calibrate(model, batches)  # activation steps/offsets from real data, once
+    ```
+
+    Activation quantizers must be calibrated ([`qdetr_hf.calibrate`]) before the model is run; an uncalibrated model
+    raises a `RuntimeError` that says so. Calibration is stored in the checkpoint.
+    """
+
+    config_class = QDetrConfig
+    config: QDetrConfig
+    # Quantizer tensors are expected to be missing when converting a real-valued DETR checkpoint: they are
+    # initialised explicitly in `initialize_weights` rather than reported as missing weights.
+    _keys_to_ignore_on_load_missing = [r"_quantizer\.", r"\.alignment\.(weight|bias)$"]
+
+    def __init__(self, config: QDetrConfig):
+        # Duck-typed: under trust_remote_code the config class is a dynamically loaded copy of QDetrConfig.
+        if not hasattr(config, "weight_bits"):
+            raise TypeError(
+                f"QDetrForObjectDetection needs a QDetrConfig, got {type(config).__name__}; build one with "
+                "QDetrConfig(**detr_config.to_dict()) or load with QDetrForObjectDetection.from_pretrained(...)."
+            )
+        config._attn_implementation_internal = QDETR_ATTENTION
+        super().__init__(config)
+
+    def _check_and_adjust_attn_implementation(
+        self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
+    ) -> str:
+        # Quantized attention needs explicit softmax probabilities, so it always runs through "qdetr".
+        if attn_implementation not in (None, QDETR_ATTENTION, "eager", "sdpa"):
+            logger.warning(
+                f"QDetrForObjectDetection ignores attn_implementation={attn_implementation!r}: quantized attention "
+                f"runs through the '{QDETR_ATTENTION}' attention function."
+            )
+        return QDETR_ATTENTION
+
+    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False) -> None:
+        """Kept for API compatibility; Q-DETR always uses its own ``"qdetr"`` attention function."""
+        self._check_and_adjust_attn_implementation(
+            attn_implementation if isinstance(attn_implementation, str) else None
+        )
+        self.config._attn_implementation_internal = QDETR_ATTENTION
+
+    def post_init(self) -> None:
+        # DetrForObjectDetection.__init__ ends with post_init(): swap in the quantized layers first, so that weight
+        # initialisation (or loading) sees the final module tree.
+        self._quantize_modules()
+        super().post_init()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Building the quantized layers
+    # ------------------------------------------------------------------------------------------------------------
+    def _quantize_modules(self) -> None:
+        config = self.config
+        offset_kwargs = {"learn_offset": config.activation_offset, "offset_init": config.activation_offset_init}
+        if config.quantize_backbone:
+            self._quantize_backbone(offset_kwargs)
+        if config.quantize_encoder:
+            for i, layer in enumerate(self.model.encoder.layers):
+                prefix = f"model.encoder.layers.{i}"
+                self._quantize_attention(layer.self_attn, f"{prefix}.self_attn", align=False, **offset_kwargs)
+                self._quantize_mlp(layer.mlp, f"{prefix}.mlp", **offset_kwargs)
+        if config.quantize_decoder:
+            for i, layer in enumerate(self.model.decoder.layers):
+                prefix = f"model.decoder.layers.{i}"
+                self._quantize_attention(
+                    layer.self_attn, f"{prefix}.self_attn", align=config.aligns_self_attention, **offset_kwargs
+                )
+                self._quantize_attention(
+                    layer.encoder_attn, f"{prefix}.encoder_attn", align=config.aligns_cross_attention, **offset_kwargs
+                )
+                self._quantize_mlp(layer.mlp, f"{prefix}.mlp", **offset_kwargs)
+
+    def _quantize_backbone(self, offset_kwargs: dict) -> None:
+        backbone = self.model.backbone.model
+        first = True
+        for name, module in list(backbone.named_modules()):
+            if isinstance(module, QuantConv2d):
+                first = False
+                continue
+            if not isinstance(module, nn.Conv2d):
+                continue
+            if type(module) is not nn.Conv2d:
+                raise TypeError(
+                    f"Backbone layer '{name}' is a {type(module).__name__}; only plain nn.Conv2d layers can be "
+                    "quantized. Use a backbone built from nn.Conv2d (e.g. a timm ResNet)."
+                )
+            bits = self.config.first_conv_bits if first else None
+            quantized = QuantConv2d.from_float(
+                module,
+                weight_bits=bits or self.config.weight_bits,
+                activation_bits=bits or self.config.activation_bits,
+                name=f"model.backbone.model.{name}",
+                **offset_kwargs,
+            )
+            _set_submodule(backbone, name, quantized)
+            first = False
+
+    def _quantize_linear(self, parent: nn.Module, attr: str, name: str, offset_kwargs: dict) -> None:
+        layer = getattr(parent, attr)
+        if isinstance(layer, QuantLinear):
+            return
+        setattr(
+            parent,
+            attr,
+            QuantLinear.from_float(
+                layer,
+                weight_bits=self.config.weight_bits,
+                activation_bits=self.config.activation_bits,
+                name=name,
+                **offset_kwargs,
+            ),
+        )
+
+    def _quantize_attention(
+        self, attention: DetrSelfAttention | DetrCrossAttention, name: str, align: bool, **offset_kwargs
+    ) -> None:
+        for attr in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            self._quantize_linear(attention, attr, f"{name}.{attr}", offset_kwargs)
+        head_dim = attention.head_dim
+        attention.attn_quantizer = QuantAttention(
+            self.config.attention_bits,
+            head_dim,
+            align_queries=align,
+            eps=self.config.distribution_alignment_eps,
+            name=name,
+            **offset_kwargs,
+        )
+
+    def _quantize_mlp(self, mlp: nn.Module, name: str, **offset_kwargs) -> None:
+        for attr in ("fc1", "fc2"):
+            self._quantize_linear(mlp, attr, f"{name}.{attr}", offset_kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Initialisation of quantizer tensors (guards the transformers v5 weight-init trap)
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Initialise missing weights, then every quantizer tensor that was not loaded from a checkpoint.
+
+        transformers dispatches ``_init_weights`` to each nested ``PreTrainedModel`` (``DetrModel``, its encoder and
+        decoder), which know nothing about quantizers; left alone, quantizer tensors missing from a real-valued
+        checkpoint would keep uninitialised memory. So they are set here, explicitly and deterministically: weight
+        steps to their LSQ init computed from the (loaded or freshly initialised) weights, activation quantizers to
+        the uncalibrated placeholder (step 1, offset 0), DA affines to identity. Tensors flagged
+        ``_is_hf_initialized`` (loaded from the checkpoint) are left untouched.
+        """
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, (QuantLinear, QuantConv2d)):
+                quantizer = module.weight_quantizer
+                init.copy_(quantizer.raw_step, quantizer.lsq_init(module.weight))
+            elif isinstance(module, LSQActivationQuantizer):
+                init.ones_(module.raw_step)
+                init.zeros_(module.offset)
+                init.ones_(module.signed)
+                init.zeros_(module.calibrated)
+            elif isinstance(module, DistributionAlignment):
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether every activation quantizer has been calibrated (see [`qdetr_hf.calibrate`])."""
+        return is_calibrated(self)
+
+    def quantized_modules(self) -> dict[str, nn.Module]:
+        """Mapping of module name to every quantized Conv2d / Linear layer and quantized attention block."""
+        return {
+            name: module
+            for name, module in self.named_modules()
+            if isinstance(module, (QuantLinear, QuantConv2d, QuantAttention))
+        }
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)
+
+
+__all__ = ["QDetrForObjectDetection", "qdetr_attention_forward"]

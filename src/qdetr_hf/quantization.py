@@ -1,0 +1,603 @@
+"""LSQ / LSQ+ fake quantizers, quantized Conv2d / Linear / attention, Distribution Alignment and calibration."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIN_BITS = 2
+MAX_BITS = 8
+STEP_EPS = 1e-8
+"""Lower bound of every effective step size: the stored step is used as ``|step|`` clamped to this value."""
+
+OffsetInit = Literal["zero", "minmax"]
+
+
+def check_bits(bits: Any, name: str = "bits") -> int:
+    """Validate a bit width and return it as ``int``.
+
+    Args:
+        bits: The requested bit width.
+        name: Name of the setting, used in the error message.
+
+    Raises:
+        ValueError: If ``bits`` is not an integer in ``[2, 8]``.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(
+            f"{name} must be an integer between {MIN_BITS} and {MAX_BITS} (LSQ fake quantization), got {bits!r}."
+        )
+    return bits
+
+
+def quant_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range ``(Qn, Qp)`` of a ``bits``-bit quantizer (qdetr.md section 1)."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+class _LSQFunction(torch.autograd.Function):
+    """Fused LSQ/LSQ+ fake quantization with the straight-through estimator.
+
+    Forward: ``v = (x - z) / s``, ``out = s * round(clamp(v, Qn, Qp)) + z``.
+    Backward (Esser et al. 2020, Bhalgat et al. 2020):
+
+    * ``d out / d x = 1`` inside ``[Qn, Qp]``, ``0`` outside;
+    * ``d out / d s = round(v) - v`` inside, ``Qn`` below, ``Qp`` above, times ``grad_scale``;
+    * ``d out / d z = 0`` inside, ``1`` outside, times ``grad_scale``.
+
+    ``s`` and ``z`` broadcast against ``x``; their gradients are summed back to their own shapes, so a per-channel
+    step (shape ``(C, 1, ...)``) gets a per-channel gradient. ``z`` may be ``None`` (symmetric LSQ); ``Qn``, ``Qp``
+    and ``grad_scale`` may be Python numbers or 0-d tensors (so no device synchronisation is needed).
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, offset, qn, qp, grad_scale):  # type: ignore[override]
+        v = x / step if offset is None else (x - offset) / step
+        out = v.clamp(qn, qp).round() * step
+        if offset is not None:
+            out = out + offset
+        ctx.save_for_backward(v, step, offset)
+        ctx.bounds = (qn, qp, grad_scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        v, step, offset = ctx.saved_tensors
+        qn, qp, grad_scale = ctx.bounds
+        below = v < qn
+        above = v > qp
+        inside = ~(below | above)
+        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
+        grad_step = grad_offset = None
+        if ctx.needs_input_grad[1]:
+            # round(v) - v inside, Qn below, Qp above.
+            outside_value = torch.where(below, torch.as_tensor(qn, dtype=v.dtype, device=v.device), qp)
+            local = torch.where(inside, v.round() - v, outside_value)
+            grad_step = (grad_out * local).sum_to_size(step.shape) * grad_scale
+        if offset is not None and ctx.needs_input_grad[2]:
+            grad_offset = (grad_out * (~inside)).sum_to_size(offset.shape) * grad_scale
+        return grad_x, grad_step, grad_offset, None, None, None
+
+
+def lsq_fake_quantize(
+    x: torch.Tensor,
+    step: torch.Tensor,
+    offset: torch.Tensor | None,
+    qn: float | torch.Tensor,
+    qp: float | torch.Tensor,
+    grad_scale: float | torch.Tensor,
+) -> torch.Tensor:
+    """Functional LSQ/LSQ+ fake quantization (see :class:`_LSQFunction` for the gradients).
+
+    Args:
+        x: Tensor to quantize.
+        step: Positive step size, broadcastable to ``x``.
+        offset: Offset ``z`` broadcastable to ``x``, or ``None`` for symmetric LSQ.
+        qn: Lowest integer level.
+        qp: Highest integer level.
+        grad_scale: LSQ gradient scale ``1 / sqrt(N * Qp)``.
+    """
+    return _LSQFunction.apply(x, step, offset, qn, qp, grad_scale)
+
+
+class _Quantizer(nn.Module):
+    """Shared state of the LSQ quantizers: bit width, learned step, on/off switch."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.enabled = True
+
+    @property
+    def step(self) -> torch.Tensor:
+        """The effective (always positive) step size."""
+        return self.raw_step.abs().clamp_min(STEP_EPS)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, enabled={self.enabled}"
+
+
+class LSQWeightQuantizer(_Quantizer):
+    """Symmetric signed LSQ weight quantizer with one learned step per output channel (axis 0).
+
+    ``w_q = round(clip(w / s_c, -2^(b-1), 2^(b-1) - 1))``, ``Q_w = s_c * w_q``. The step gradient is scaled by
+    ``1 / sqrt(N * Qp)`` with ``N`` the number of weights per output channel. Initialise with
+    :meth:`initialize_from` (``s0 = 2 mean(|w_c|) / sqrt(Qp)``, qdetr.md section 1).
+
+    Args:
+        num_channels: Number of output channels (size of axis 0 of the weight).
+        bits: Bit width in ``[2, 8]``.
+        weight_ndim: Number of dimensions of the weight (2 for Linear, 4 for Conv2d).
+    """
+
+    def __init__(self, num_channels: int, bits: int, weight_ndim: int = 2) -> None:
+        super().__init__(bits)
+        self.qn, self.qp = quant_range(self.bits, signed=True)
+        self.raw_step = nn.Parameter(torch.ones((num_channels,) + (1,) * (weight_ndim - 1)))
+
+    def lsq_init(self, weight: torch.Tensor) -> torch.Tensor:
+        """LSQ initial step per output channel: ``2 * mean(|w_c|) / sqrt(Qp)``."""
+        dims = tuple(range(1, weight.dim()))
+        init = 2.0 * weight.detach().float().abs().mean(dim=dims, keepdim=True) / math.sqrt(self.qp)
+        return init.clamp_min(STEP_EPS).reshape(self.raw_step.shape)
+
+    @torch.no_grad()
+    def initialize_from(self, weight: torch.Tensor) -> None:
+        """Set the step to its LSQ init computed from ``weight``."""
+        self.raw_step.copy_(self.lsq_init(weight))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            n = weight[0].numel()
+            out = lsq_fake_quantize(
+                weight.float(), self.step.float(), None, float(self.qn), float(self.qp), 1.0 / math.sqrt(n * self.qp)
+            )
+        return out.to(weight.dtype)
+
+
+class LSQActivationQuantizer(_Quantizer):
+    """Per-tensor LSQ+ activation quantizer with a learned offset (Bhalgat et al. 2020).
+
+    ``x_q = round(clip((x - z) / s, Qn, Qp))``, ``Q_a = s * x_q + z``. The range is unsigned ``[0, 2^b - 1]`` when the
+    calibration pass saw only non-negative inputs (e.g. after ReLU or softmax) and signed otherwise; the decision is
+    stored in the ``signed`` buffer, never re-guessed per batch. ``N`` of the gradient scale is the number of elements
+    per sample (``x.numel() / x.shape[0]``).
+
+    The quantizer must be calibrated (:func:`calibrate`) before use: an uncalibrated quantizer raises, so a model is
+    never silently run with placeholder steps. Calibration is recorded in the persistent ``calibrated`` buffer, so a
+    saved and reloaded model is not re-initialised.
+
+    Args:
+        bits: Bit width in ``[2, 8]``.
+        learn_offset: Learn the offset ``z`` (LSQ+). ``False`` gives plain LSQ (offset fixed at zero).
+        offset_init: ``"zero"`` (LSQ step init ``2 mean|x| / sqrt(Qp)``, offset 0) or ``"minmax"`` (LSQ+ min/max init:
+            ``s = (max - min) / (Qp - Qn)``, ``z = min - s * Qn``; only with ``learn_offset``).
+        name: Human-readable location, used in error messages.
+    """
+
+    def __init__(
+        self, bits: int, learn_offset: bool = True, offset_init: OffsetInit = "zero", name: str = "activation"
+    ) -> None:
+        super().__init__(bits)
+        if offset_init not in ("zero", "minmax"):
+            raise ValueError(f"offset_init must be 'zero' or 'minmax', got {offset_init!r}.")
+        if offset_init == "minmax" and not learn_offset:
+            raise ValueError("offset_init='minmax' needs learn_offset=True (plain LSQ has no offset).")
+        self.learn_offset = learn_offset
+        self.offset_init = offset_init
+        self.name = name
+        self.raw_step = nn.Parameter(torch.ones(()))
+        self.offset = nn.Parameter(torch.zeros(()), requires_grad=learn_offset)
+        self.register_buffer("signed", torch.ones((), dtype=torch.bool))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self._observer: _RangeObserver | None = None
+        self._known_calibrated = False
+
+    def range(self) -> tuple[int, int]:
+        """Current integer range ``(Qn, Qp)``, following the calibrated signedness."""
+        return quant_range(self.bits, bool(self.signed))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._observer is not None:
+            self._observer.update(x)
+            return x
+        if not self.enabled:
+            return x
+        if not self._known_calibrated:
+            if not bool(self.calibrated):
+                raise RuntimeError(
+                    f"Activation quantizer '{self.name}' is not calibrated. Run `qdetr_hf.calibrate(model, batches)` "
+                    "on a few real batches before training or inference (the distillation Trainer does this for you)."
+                )
+            self._known_calibrated = True
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            # Range from the calibrated signedness, as 0-d tensors: no host/device synchronisation per call.
+            half = 2.0 ** (self.bits - 1)
+            qn = torch.where(self.signed, -half, 0.0).float()
+            qp = torch.where(self.signed, half - 1.0, 2.0 * half - 1.0).float()
+            n = x.numel() // x.shape[0] if x.dim() > 0 and x.shape[0] > 0 else max(x.numel(), 1)
+            grad_scale = torch.rsqrt(qp * n)
+            offset = self.offset.float() if self.learn_offset else None
+            out = lsq_fake_quantize(x.float(), self.step.float(), offset, qn, qp, grad_scale)
+        return out.to(x.dtype)
+
+    @torch.no_grad()
+    def set_from_statistics(self, mean_abs: float, minimum: float, maximum: float) -> None:
+        """Initialise signedness, step and offset from calibration statistics and mark the quantizer calibrated."""
+        signed = minimum < 0
+        qn, qp = quant_range(self.bits, signed)
+        if self.offset_init == "minmax" and maximum > minimum:
+            step = (maximum - minimum) / (qp - qn)
+            offset = minimum - step * qn
+        else:
+            step = 2.0 * mean_abs / math.sqrt(qp)
+            offset = 0.0
+        self.signed.fill_(signed)
+        self.raw_step.fill_(max(step, STEP_EPS) if math.isfinite(step) else 1.0)
+        self.offset.fill_(offset)
+        self.calibrated.fill_(True)
+        self._known_calibrated = True
+
+    @torch.no_grad()
+    def reset_calibration(self) -> None:
+        """Forget the calibration (placeholder step 1, offset 0, signed) so the quantizer must be calibrated again."""
+        self.raw_step.fill_(1.0)
+        self.offset.fill_(0.0)
+        self.signed.fill_(True)
+        self.calibrated.fill_(False)
+        self._known_calibrated = False
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, learn_offset={self.learn_offset}, name={self.name!r}"
+
+
+class _RangeObserver:
+    """Accumulates ``sum |x|``, element count, min and max of the tensors an activation quantizer sees."""
+
+    def __init__(self) -> None:
+        self.sum_abs = 0.0
+        self.count = 0
+        self.minimum = math.inf
+        self.maximum = -math.inf
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        if x.numel() == 0:
+            return
+        self.sum_abs += x.abs().sum().item()
+        self.count += x.numel()
+        self.minimum = min(self.minimum, x.min().item())
+        self.maximum = max(self.maximum, x.max().item())
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` with an LSQ per-channel weight quantizer and an LSQ+ input quantizer.
+
+    Shares (not copies) the ``weight`` and ``bias`` parameters of the layer it was built from, so checkpoints keep the
+    usual key names; the quantizer tensors live in ``weight_quantizer.*`` and ``input_quantizer.*``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        weight_bits: int = 4,
+        activation_bits: int = 4,
+        learn_offset: bool = True,
+        offset_init: OffsetInit = "zero",
+        name: str = "linear",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.weight_quantizer = LSQWeightQuantizer(out_features, weight_bits, weight_ndim=2)
+        self.input_quantizer = LSQActivationQuantizer(activation_bits, learn_offset, offset_init, name=name)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, **kwargs: Any) -> QuantLinear:
+        """Wrap an existing ``nn.Linear`` (same parameter objects) into a quantized layer."""
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+            **kwargs,
+        )
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        if getattr(linear, "_is_hf_initialized", False):
+            layer._is_hf_initialized = True
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with an LSQ per-output-channel weight quantizer and an LSQ+ input quantizer."""
+
+    def __init__(
+        self,
+        *args: Any,
+        weight_bits: int = 4,
+        activation_bits: int = 4,
+        learn_offset: bool = True,
+        offset_init: OffsetInit = "zero",
+        name: str = "conv",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight_quantizer = LSQWeightQuantizer(self.out_channels, weight_bits, weight_ndim=4)
+        self.input_quantizer = LSQActivationQuantizer(activation_bits, learn_offset, offset_init, name=name)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, **kwargs: Any) -> QuantConv2d:
+        """Wrap an existing ``nn.Conv2d`` (same parameter objects) into a quantized layer."""
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            **kwargs,
+        )
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        if getattr(conv, "_is_hf_initialized", False):
+            layer._is_hf_initialized = True
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class DistributionAlignment(nn.Module):
+    """Q-DETR's Distribution Alignment of attention queries (qdetr.md section 2).
+
+    Maximising the self-information entropy of a Gaussian query amounts to standardising it:
+    ``q* = gamma * (q - mean(q)) / sqrt(var(q) + eps) + beta``, with statistics over ``head_dim`` for every token and
+    head, and ``gamma`` / ``beta`` of size ``head_dim`` shared across heads (``gamma = 1``, ``beta = 0`` at init).
+
+    Args:
+        head_dim: Size of one attention head.
+        eps: Variance epsilon (paper: 1e-5).
+    """
+
+    def __init__(self, head_dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.bias = nn.Parameter(torch.zeros(head_dim))
+
+    def forward(self, query: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            out = F.layer_norm(query.float(), (self.head_dim,), self.weight.float(), self.bias.float(), self.eps)
+        return out.to(query.dtype)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, eps={self.eps}"
+
+
+class QuantAttention(nn.Module):
+    """Quantizers of one attention block: q, k, v and the softmax output at ``attention_bits``, plus optional DA.
+
+    It is attached to a transformers attention module as ``module.attn_quantizer`` and run by the ``"qdetr"``
+    attention function registered in transformers' ``AttentionInterface`` (see ``modeling_qdetr``): the projections,
+    masks and output projection stay the library's code; only the score/value product is computed here, because the
+    softmax output must be quantized between the softmax and the product with ``v``. The softmax runs in float32.
+
+    Args:
+        bits: Bit width of q, k, v and the softmax output (paper: 8).
+        head_dim: Size of one attention head.
+        align_queries: Apply :class:`DistributionAlignment` to the query before its quantizer.
+        eps: DA epsilon.
+        learn_offset: LSQ+ offsets for the four quantizers.
+        offset_init: Offset/step initialisation of the four quantizers.
+        name: Location prefix used in error messages.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        head_dim: int,
+        align_queries: bool = False,
+        eps: float = 1e-5,
+        learn_offset: bool = True,
+        offset_init: OffsetInit = "zero",
+        name: str = "attention",
+    ) -> None:
+        super().__init__()
+        self.alignment = DistributionAlignment(head_dim, eps) if align_queries else None
+
+        def make(part: str) -> LSQActivationQuantizer:
+            return LSQActivationQuantizer(bits, learn_offset, offset_init, name=f"{name}.{part}")
+
+        self.q_quantizer = make("q")
+        self.k_quantizer = make("k")
+        self.v_quantizer = make("v")
+        self.softmax_quantizer = make("softmax")
+
+    def forward(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of ``(batch, heads, length, head_dim)`` inputs; returns ``(output (B, L, H, D), probs)``."""
+        if self.alignment is not None:
+            query = self.alignment(query)
+        query = self.q_quantizer(query)
+        key = self.k_quantizer(key)
+        value = self.v_quantizer(value)
+        if scaling is None:
+            scaling = query.size(-1) ** -0.5
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + attention_mask
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        probs = F.dropout(probs, p=dropout, training=module.training)
+        probs = self.softmax_quantizer(probs).to(value.dtype)
+        output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+        return output, probs
+
+
+def quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for every LSQ weight and activation quantizer in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, _Quantizer):
+            yield name, module
+
+
+def activation_quantizers(model: nn.Module) -> list[LSQActivationQuantizer]:
+    """All activation quantizers of ``model`` in module order."""
+    return [m for _, m in quantizers(model) if isinstance(m, LSQActivationQuantizer)]
+
+
+def is_calibrated(model: nn.Module) -> bool:
+    """Whether every activation quantizer of ``model`` has been calibrated (``True`` if it has none)."""
+    return all(bool(q.calibrated) for q in activation_quantizers(model))
+
+
+@contextmanager
+def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager running ``model`` with every fake quantizer bypassed (real-valued forward)."""
+    qs = [m for _, m in quantizers(model)]
+    previous = [q.enabled for q in qs]
+    for q in qs:
+        q.enabled = False
+    try:
+        yield model
+    finally:
+        for q, was in zip(qs, previous, strict=True):
+            q.enabled = was
+
+
+def _forward_batch(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, Mapping):
+        inputs = {k: v for k, v in batch.items() if k in ("pixel_values", "pixel_mask")}
+        if "pixel_values" not in inputs:
+            raise ValueError(
+                f"Calibration batches must contain 'pixel_values' (got keys {sorted(batch)}); pass the batches of a "
+                "DETR data collator or plain image tensors."
+            )
+        model(**inputs)
+    elif isinstance(batch, torch.Tensor):
+        model(pixel_values=batch)
+    else:
+        raise TypeError(f"Calibration batches must be dicts or tensors, got {type(batch).__name__}.")
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+    show_progress: bool = False,
+) -> nn.Module:
+    """Initialise every activation quantizer of ``model`` from real batches.
+
+    The model runs real-valued (all fake quantizers bypassed, eval mode) over the batches while each activation
+    quantizer records ``sum |x|``, the element count, the minimum and the maximum of its input. When
+    ``torch.distributed`` is initialised the statistics are all-reduced (sum, sum, min, max) so every rank ends with
+    identical steps whatever its own batches were. Each quantizer then takes its signedness (unsigned when the global
+    minimum is ``>= 0``), LSQ step (``2 mean|x| / sqrt(Qp)``) and offset, and is marked calibrated in its persistent
+    ``calibrated`` buffer. Weight quantizers are initialised from the weights at construction/loading time and are
+    not touched here.
+
+    Args:
+        model: A model containing LSQ quantizers (e.g. ``QDetrForObjectDetection``); may be DDP-wrapped.
+        batches: Iterable of DETR batches (dicts with ``pixel_values`` and optional ``pixel_mask``) or image tensors.
+        max_batches: Use at most this many batches.
+        device: Move the batch tensors to this device (defaults to the device of the model's first parameter).
+        show_progress: Show a tqdm progress bar.
+
+    Returns:
+        The same model, calibrated.
+
+    Raises:
+        ValueError: If no batch was given or a quantizer saw no data.
+    """
+    target = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    qs = activation_quantizers(target)
+    if not qs:
+        return model
+    if device is None:
+        device = next(target.parameters()).device
+    was_training = target.training
+    observers = [_RangeObserver() for _ in qs]
+    for q, obs in zip(qs, observers, strict=True):
+        q._observer = obs
+    iterator: Iterable[Any] = batches
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, total=max_batches, desc="Calibrating quantizers", leave=False)
+    num_batches = 0
+    try:
+        target.eval()
+        with quantization_disabled(target):
+            for batch in iterator:
+                if max_batches is not None and num_batches >= max_batches:
+                    break
+                _forward_batch(target, _to_device(batch, device))
+                num_batches += 1
+    finally:
+        for q in qs:
+            q._observer = None
+        target.train(was_training)
+    if num_batches == 0:
+        raise ValueError("calibrate() received no batches: pass at least one batch of real images.")
+
+    stats = torch.tensor(
+        [[o.sum_abs, float(o.count), o.minimum, o.maximum] for o in observers], dtype=torch.float64, device=device
+    )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sums = stats[:, :2].contiguous()
+        mins = stats[:, 2].contiguous()
+        maxs = stats[:, 3].contiguous()
+        torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+        torch.distributed.all_reduce(mins, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(maxs, op=torch.distributed.ReduceOp.MAX)
+        stats = torch.cat([sums, mins[:, None], maxs[:, None]], dim=1)
+    stats = stats.cpu().tolist()
+    for q, (sum_abs, count, minimum, maximum) in zip(qs, stats, strict=True):
+        if count == 0:
+            raise ValueError(f"Activation quantizer '{q.name}' saw no data during calibration.")
+        q.set_from_statistics(sum_abs / count, minimum, maximum)
+    return model
+
+
+def _to_device(batch: Any, device: torch.device | str) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return batch

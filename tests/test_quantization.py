@@ -1,0 +1,282 @@
+"""LSQ/LSQ+ quantizers, quantized layers, Distribution Alignment and calibration."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from transformers.models.detr.modeling_detr import eager_attention_forward
+
+from qdetr_hf import (
+    DistributionAlignment,
+    LSQActivationQuantizer,
+    LSQWeightQuantizer,
+    QuantAttention,
+    QuantConv2d,
+    QuantLinear,
+    calibrate,
+    is_calibrated,
+    quantization_disabled,
+)
+from qdetr_hf.quantization import STEP_EPS, quant_range
+
+
+def test_quant_range():
+    assert quant_range(4, signed=True) == (-8, 7)
+    assert quant_range(4, signed=False) == (0, 15)
+    assert quant_range(2, signed=True) == (-2, 1)
+    assert quant_range(8, signed=False) == (0, 255)
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, 16, 3.5, True, "4"])
+def test_bad_bit_width_is_rejected(bits):
+    with pytest.raises(ValueError, match="between 2 and 8"):
+        LSQWeightQuantizer(4, bits)
+    with pytest.raises(ValueError, match="between 2 and 8"):
+        LSQActivationQuantizer(bits)
+
+
+def test_weight_quantizer_forward_and_step_gradient_match_lsq_formulas():
+    # 3-bit signed: Qn = -4, Qp = 3. One step per output channel (row).
+    quantizer = LSQWeightQuantizer(2, bits=3, weight_ndim=2)
+    with torch.no_grad():
+        quantizer.raw_step.copy_(torch.tensor([[0.1], [0.25]]))
+    weight = torch.tensor([[0.28, -0.12, 0.06, -0.70], [1.0, 0.2, -0.4, 0.9]], requires_grad=True)
+    out = quantizer(weight)
+    # Row 0: w/s = [2.8, -1.2, 0.6, -7] -> clip/round [3, -1, 1, -4] -> x 0.1.
+    # Row 1: w/s = [4, 0.8, -1.6, 3.6] -> clip/round [3, 1, -2, 3] -> x 0.25.
+    expected = torch.tensor([[0.3, -0.1, 0.1, -0.4], [0.75, 0.25, -0.5, 0.75]])
+    torch.testing.assert_close(out, expected)
+
+    out.sum().backward()
+    # d/ds: round(v) - v inside, Qn below, Qp above; scaled by 1/sqrt(N * Qp) with N = 4 weights *per channel*.
+    # Row 0: 0.2 + 0.2 + 0.4 + (-4) = -3.2; row 1: 3 + 0.2 + (-0.4) + 3 = 5.8.
+    g = 1.0 / math.sqrt(4 * 3)
+    torch.testing.assert_close(quantizer.raw_step.grad, torch.tensor([[-3.2 * g], [5.8 * g]]))
+    # Straight-through estimator: gradient 1 inside the clipping range, 0 outside.
+    torch.testing.assert_close(weight.grad, torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0]]))
+
+
+def test_weight_quantizer_lsq_init_is_per_channel():
+    quantizer = LSQWeightQuantizer(2, bits=4, weight_ndim=4)
+    weight = torch.tensor([1.0, -3.0, 2.0, 2.0]).reshape(1, 4, 1, 1).repeat(2, 1, 1, 1)
+    weight[1] *= 10
+    quantizer.initialize_from(weight)
+    # 2 * mean|w| / sqrt(Qp = 7): mean|w| = 2 for channel 0 and 20 for channel 1.
+    expected = torch.tensor([4 / math.sqrt(7), 40 / math.sqrt(7)]).reshape(2, 1, 1, 1)
+    torch.testing.assert_close(quantizer.step, expected)
+
+
+def _calibrated(quantizer: LSQActivationQuantizer, minimum: float, step: float, offset: float):
+    quantizer.set_from_statistics(mean_abs=1.0, minimum=minimum, maximum=10.0)
+    with torch.no_grad():
+        quantizer.raw_step.fill_(step)
+        quantizer.offset.fill_(offset)
+    return quantizer
+
+
+def test_activation_quantizer_lsq_plus_forward_and_gradients():
+    # Unsigned 2-bit (calibration saw min >= 0): Qn = 0, Qp = 3; s = 0.5, z = 0.1.
+    quantizer = _calibrated(LSQActivationQuantizer(2, learn_offset=True), minimum=0.0, step=0.5, offset=0.1)
+    assert not bool(quantizer.signed)
+    x = torch.tensor([[-0.3, 0.2, 0.45, 1.0, 2.5]], requires_grad=True)  # one sample of N = 5 features
+    out = quantizer(x)
+    # v = (x - z) / s = [-0.8, 0.2, 0.7, 1.8, 4.8] -> clip/round [0, 0, 1, 2, 3] -> s * q + z.
+    torch.testing.assert_close(out, torch.tensor([[0.1, 0.1, 0.6, 1.1, 1.6]]))
+    out.sum().backward()
+    g = 1.0 / math.sqrt(5 * 3)
+    # d/ds: [Qn=0, -0.2, 0.3, 0.2, Qp=3] -> 3.3; d/dz: 1 outside the range (2 elements), 0 inside.
+    torch.testing.assert_close(quantizer.raw_step.grad, torch.tensor(3.3 * g))
+    torch.testing.assert_close(quantizer.offset.grad, torch.tensor(2 * g))
+    torch.testing.assert_close(x.grad, torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]]))
+
+
+def test_activation_quantizer_signed_range_and_per_sample_gradient_scale():
+    # Signed 3-bit: Qn = -4, Qp = 3; batch of 2 samples with 3 features each -> N = 3 (per sample, not 6).
+    quantizer = _calibrated(LSQActivationQuantizer(3, learn_offset=False), minimum=-1.0, step=1.0, offset=0.0)
+    x = torch.tensor([[-5.0, -1.4, 0.3], [2.6, 3.2, 9.0]], requires_grad=True)
+    out = quantizer(x)
+    torch.testing.assert_close(out, torch.tensor([[-4.0, -1.0, 0.0], [3.0, 3.0, 3.0]]))
+    out.sum().backward()
+    # local: [-4 (below), 0.4, -0.3, 0.4, 3 (above, 3.2 > Qp), 3 (above)] -> 2.5
+    torch.testing.assert_close(quantizer.raw_step.grad, torch.tensor(2.5 / math.sqrt(3 * 3)))
+    assert quantizer.offset.grad is None  # plain LSQ: the offset does not train
+
+
+def test_uncalibrated_activation_quantizer_raises():
+    layer = QuantLinear(4, 3)
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        layer(torch.randn(2, 4))
+
+
+def test_fake_quant_runs_in_float32_under_autocast():
+    quantizer = _calibrated(LSQActivationQuantizer(8), minimum=-1.0, step=0.0123, offset=0.0371)
+    x = torch.randn(4, 64) * 2
+    reference = quantizer(x.bfloat16().float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = quantizer(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference.bfloat16(), rtol=0, atol=0)
+    # Computing the same thing in bfloat16 arithmetic gives different levels: the test above would notice.
+    v = ((x.bfloat16() - 0.0371) / 0.0123).clamp(-128, 127).round() * 0.0123 + 0.0371
+    assert not torch.equal(v.bfloat16(), reference.bfloat16())
+
+
+def test_gradients_reach_weights_steps_and_offsets():
+    layer = QuantLinear(6, 5, weight_bits=3, activation_bits=3)
+    x = torch.randn(8, 6)
+    # A bare QuantLinear takes no pixel_values, so its quantizers are initialised directly.
+    layer.weight_quantizer.initialize_from(layer.weight)
+    layer.input_quantizer.set_from_statistics(x.abs().mean().item(), x.min().item(), x.max().item())
+    layer(x).pow(2).sum().backward()
+    for name, tensor in [
+        ("weight", layer.weight),
+        ("bias", layer.bias),
+        ("weight step", layer.weight_quantizer.raw_step),
+        ("input step", layer.input_quantizer.raw_step),
+        ("input offset", layer.input_quantizer.offset),
+    ]:
+        assert tensor.grad is not None and tensor.grad.abs().sum() > 0, name
+
+
+def test_steps_stay_positive_under_aggressive_optimisation():
+    layer = QuantConv2d(3, 4, 3, weight_bits=2, activation_bits=2)
+    x = torch.randn(2, 3, 8, 8)
+    layer.weight_quantizer.initialize_from(layer.weight)
+    layer.input_quantizer.set_from_statistics(x.abs().mean().item(), x.min().item(), x.max().item())
+    optimizer = torch.optim.SGD(layer.parameters(), lr=5.0)
+    for _ in range(200):
+        optimizer.zero_grad()
+        # Pushes every step towards (and past) zero.
+        loss = 100 * (layer.weight_quantizer.step.sum() + layer.input_quantizer.step) + layer(x).abs().mean()
+        loss.backward()
+        optimizer.step()
+        assert (layer.weight_quantizer.step > 0).all() and layer.input_quantizer.step > 0
+    assert layer.weight_quantizer.step.min() >= STEP_EPS
+    assert torch.isfinite(layer(x)).all()
+
+
+def test_quant_layers_share_parameters_with_the_float_layer():
+    linear = nn.Linear(4, 3)
+    quantized = QuantLinear.from_float(linear, weight_bits=4, activation_bits=4)
+    assert quantized.weight is linear.weight and quantized.bias is linear.bias
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=False)
+    qconv = QuantConv2d.from_float(conv, weight_bits=4, activation_bits=4)
+    assert qconv.weight is conv.weight and qconv.bias is None and qconv.stride == (2, 2)
+    x = torch.randn(2, 3, 8, 8)
+    with quantization_disabled(qconv):
+        torch.testing.assert_close(qconv(x), conv(x))
+
+
+class _ReluNet(nn.Module):
+    """A minimal model taking ``pixel_values``, as calibrate() expects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = QuantLinear(4, 8, weight_bits=4, activation_bits=4, name="first")
+        self.second = QuantLinear(8, 2, weight_bits=4, activation_bits=4, name="second")
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask=None) -> torch.Tensor:
+        return self.second(torch.relu(self.first(pixel_values)))
+
+
+def test_calibration_sets_sign_steps_and_persists():
+    torch.manual_seed(0)
+    net = _ReluNet()
+    for q in (net.first, net.second):
+        q.weight_quantizer.initialize_from(q.weight)
+    batches = [torch.randn(5, 4), torch.randn(3, 4) * 3]
+    assert not is_calibrated(net)
+    calibrate(net, batches)
+    assert is_calibrated(net)
+
+    inputs = torch.cat(batches)
+    # Calibration runs real-valued: the second layer's statistics come from the unquantized first layer.
+    hidden = torch.relu(nn.functional.linear(inputs, net.first.weight, net.first.bias))
+    # First layer sees signed data: Qp = 7; second sees ReLU output: unsigned, Qp = 15.
+    assert bool(net.first.input_quantizer.signed) and not bool(net.second.input_quantizer.signed)
+    torch.testing.assert_close(net.first.input_quantizer.step, 2 * inputs.abs().mean() / math.sqrt(7))
+    torch.testing.assert_close(net.second.input_quantizer.step, 2 * hidden.abs().mean() / math.sqrt(15))
+
+    reloaded = _ReluNet()
+    reloaded.load_state_dict(net.state_dict())
+    assert is_calibrated(reloaded)
+    torch.testing.assert_close(reloaded(inputs), net(inputs))
+
+
+def test_calibration_rejects_empty_input():
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate(_ReluNet(), [])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _calibrate_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        net = _ReluNet()
+        # Each rank sees different data, as DDP ranks with their own shards would.
+        data = torch.randn(6, 4, generator=torch.Generator().manual_seed(100 + rank)) * (1 + rank)
+        calibrate(net, [data])
+        torch.save({k: v for k, v in net.state_dict().items() if "input_quantizer" in k}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_calibration_gives_identical_steps_on_every_rank(tmp_path):
+    mp.spawn(_calibrate_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    # And they equal a single-process calibration on the union of both ranks' data.
+    torch.manual_seed(0)
+    net = _ReluNet()
+    union = [torch.randn(6, 4, generator=torch.Generator().manual_seed(100 + r)) * (1 + r) for r in range(2)]
+    calibrate(net, union)
+    for key, value in net.state_dict().items():
+        if "input_quantizer" in key:
+            torch.testing.assert_close(rank0[key], value)
+    # Rank 1's data alone would give a different step, so the statistics really were reduced.
+    alone = _ReluNet()
+    calibrate(alone, union[1:])
+    assert not torch.allclose(alone.first.input_quantizer.step, rank0["first.input_quantizer.raw_step"])
+
+
+def test_distribution_alignment_standardises_queries_before_its_affine():
+    da = DistributionAlignment(head_dim=8)
+    query = torch.randn(2, 3, 5, 8) * 4 + 2.5  # (batch, heads, tokens, head_dim)
+    out = da(query)
+    torch.testing.assert_close(out.mean(-1), torch.zeros(2, 3, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2, 3, 5), atol=1e-3, rtol=0)
+    with torch.no_grad():
+        da.weight.fill_(2.0)
+        da.bias.copy_(torch.arange(8.0))
+    torch.testing.assert_close(da(query), 2.0 * out + torch.arange(8.0))
+
+
+def test_quant_attention_without_quantizers_matches_library_eager_attention():
+    attention = QuantAttention(8, head_dim=4, align_queries=False)
+    module = nn.Module()
+    q, k, v = (torch.randn(2, 2, 5, 4) for _ in range(3))
+    mask = torch.zeros(2, 1, 5, 5)
+    mask[:, :, :, -1] = torch.finfo(torch.float32).min
+    with quantization_disabled(attention):
+        out, probs = attention(module, q, k, v, mask, scaling=0.5)
+    ref_out, ref_probs = eager_attention_forward(module, q, k, v, mask, scaling=0.5)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(probs, ref_probs)
+    assert torch.all(probs[..., -1] == 0)
