@@ -99,6 +99,15 @@ class QDetrConfig(DetrConfig):
             )
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a config dictionary; a real-valued DETR config (``model_type: detr``) is accepted as the starting
+        point of a conversion and relabelled ``qdetr``."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == DetrConfig.model_type:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
     @property
     def bit_notation(self) -> str:
         """The paper's W-A-Attention notation, e.g. ``"4-4-8"``."""

@@ -521,6 +521,7 @@ def calibrate(
     max_batches: int | None = None,
     device: torch.device | str | None = None,
     show_progress: bool = False,
+    only_uncalibrated: bool = False,
 ) -> nn.Module:
     """Initialise every activation quantizer of ``model`` from real batches.
 
@@ -538,6 +539,8 @@ def calibrate(
         max_batches: Use at most this many batches.
         device: Move the batch tensors to this device (defaults to the device of the model's first parameter).
         show_progress: Show a tqdm progress bar.
+        only_uncalibrated: Initialise only the quantizers not calibrated yet, keeping the steps of the others (e.g.
+            the backbone quantizers learned in Q-DETR's first stage when the transformer is quantized in the second).
 
     Returns:
         The same model, calibrated.
@@ -547,6 +550,8 @@ def calibrate(
     """
     target = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
     qs = activation_quantizers(target)
+    if only_uncalibrated:
+        qs = [q for q in qs if not bool(q.calibrated)]
     if not qs:
         return model
     if device is None:

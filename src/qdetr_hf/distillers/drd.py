@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import torch
 
 from qdetr_hf.box_ops import center_to_corners, pad_targets, pairwise_generalized_box_iou
+from qdetr_hf.distillers.base import DetectorOutputs, Distiller
 
 __all__ = [
     "DEFAULT_DRD_WEIGHT",
+    "DRDDistiller",
     "FQMResult",
     "compute_drd",
     "drd_loss",
@@ -291,3 +293,76 @@ def compute_drd(
     )
     loss = drd_loss(student_features, teacher_features, matching.selected, matching.teacher_index)
     return {"loss_drd": loss, "num_selected": matching.num_selected}
+
+
+class DRDDistiller(Distiller):
+    """Q-DETR's Distribution Rectification Distillation as a :class:`~qdetr_hf.distillers.base.Distiller`.
+
+    Foreground-aware Query Matching on the final-layer boxes selects student queries near the ground truth and pairs
+    each with a teacher query; the loss is the mean Euclidean distance between their co-attended features, averaged
+    over ``layers``, and is returned as ``loss_drd = weight * L_DRD`` (so the total is ``L_GT + λ L_DRD``).
+
+    Args:
+        tau: Selection threshold τ relative to ``G_i`` (paper: 0.6; 0.5 tied).
+        weight: λ of ``L = L_GT + λ L_DRD`` (paper: 2.5).
+        match_giou_weight: μ1 of the teacher pairing score (paper: 2, DETR's GIoU matching cost).
+        match_l1_weight: μ2 of the teacher pairing score (paper: 5, DETR's L1 matching cost).
+        layers: Decoder layers whose co-attended features are distilled (Python indices; project decision, the paper
+            does not say: the last layer by default).
+    """
+
+    name = "drd"
+
+    def __init__(
+        self,
+        tau: float = 0.6,
+        weight: float = DEFAULT_DRD_WEIGHT,
+        match_giou_weight: float = 2.0,
+        match_l1_weight: float = 5.0,
+        layers: Sequence[int] = (-1,),
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"DRD tau must be in [0, 1], got {tau!r}.")
+        _check_weight(weight, "weight")
+        _check_weight(match_giou_weight, "match_giou_weight")
+        _check_weight(match_l1_weight, "match_l1_weight")
+        if not layers:
+            raise ValueError("DRD needs at least one decoder layer to distil (layers=()).")
+        self.tau = tau
+        self.weight = weight
+        self.match_giou_weight = match_giou_weight
+        self.match_l1_weight = match_l1_weight
+        self.co_attended_layers = tuple(layers)
+
+    def forward(
+        self, student: DetectorOutputs, teacher: DetectorOutputs, labels: Sequence[Mapping[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        student_layers = sorted(student.co_attended)
+        teacher_layers = sorted(teacher.co_attended)
+        if len(student_layers) != len(teacher_layers) or not student_layers:
+            raise ValueError(
+                f"DRD needs the co-attended features of the same number of decoder layers for both models; captured "
+                f"student layers {student_layers}, teacher layers {teacher_layers}."
+            )
+        student_features = torch.stack([student.co_attended[i] for i in student_layers])
+        teacher_features = torch.stack([teacher.co_attended[i] for i in teacher_layers])
+        if student_features.shape[-1] != teacher_features.shape[-1]:
+            raise ValueError(
+                f"DRD compares co-attended features, so teacher and student need the same d_model; got teacher "
+                f"{teacher_features.shape[-1]} and student {student_features.shape[-1]}."
+            )
+        terms = compute_drd(
+            student.pred_boxes,
+            teacher.pred_boxes.detach(),
+            student_features,
+            teacher_features,
+            labels,
+            tau=self.tau,
+            match_giou_weight=self.match_giou_weight,
+            match_l1_weight=self.match_l1_weight,
+        )
+        return {"loss_drd": self.weight * terms["loss_drd"], "drd_selected": terms["num_selected"].float()}
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, weight={self.weight}, layers={self.co_attended_layers}"
