@@ -53,3 +53,30 @@ def _deterministic():
 def images() -> torch.Tensor:
     """A batch of two 64 x 64 random images."""
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+SHAPES = {0: "circle", 1: "square", 2: "triangle"}
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    """A tiny real-valued DETR teacher (synthetic-shapes label space, 64 px processor) saved to disk."""
+    from transformers import DetrConfig, DetrForObjectDetection
+
+    from qdetr_hf.data import default_image_processor
+
+    torch.manual_seed(0)
+    config = DetrConfig(**tiny_detr_kwargs(id2label=SHAPES, label2id={v: k for k, v in SHAPES.items()}))
+    path = tmp_path_factory.mktemp("teacher")
+    DetrForObjectDetection(config).save_pretrained(path)
+    default_image_processor(64).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes():
+    """16 synthetic 64 px training images and the matching collator."""
+    from qdetr_hf.data import DetrCollator, SyntheticShapesDataset, default_image_processor
+
+    dataset = SyntheticShapesDataset(num_images=16, image_size=64, seed=3, max_objects=4)
+    return dataset, DetrCollator(default_image_processor(64))

@@ -1,0 +1,338 @@
+"""`QDetrDistillationTrainer`: a transformers `Trainer` adding a distillation loss from a frozen teacher DETR."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForObjectDetection, PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import logging
+
+from .distillers.base import DetectorOutputs, Distiller, capture_co_attended_features, check_label_spaces
+from .metrics import detection_gather_for_metrics, make_compute_metrics
+from .quantization import activation_quantizers, calibrate, is_calibrated
+
+logger = logging.get_logger(__name__)
+
+STAGING_DIR = "_staging"
+"""Sub-folder of ``output_dir`` where checkpoints are written before being renamed into place (atomic save). Its
+leading underscore keeps it out of ``Trainer.push_to_hub`` uploads."""
+
+QUANTIZER_PARAMETER_MARKERS = ("_quantizer.", ".alignment.")
+"""Parameters whose names contain one of these are quantizer steps/offsets or DA affines: no weight decay."""
+
+
+@dataclass
+class QDetrTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with Q-DETR's defaults and the few settings distillation adds.
+
+    Defaults that differ from `TrainingArguments` (paper / authors' DETR recipe, qdetr.md section 4): `learning_rate`
+    1e-4, `weight_decay` 1e-4, `max_grad_norm` 0.1. Object detection also needs `remove_unused_columns=False` (the
+    labels are a list of dicts) and `eval_do_concat_batches=False` (images have different numbers of boxes).
+    """
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4)."})
+    weight_decay: float = field(
+        default=1e-4, metadata={"help": "Weight decay (paper: 1e-4); never applied to quantizer steps/offsets."}
+    )
+    max_grad_norm: float = field(default=0.1, metadata={"help": "Gradient clipping (DETR / Q-DETR code: 0.1)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False for detection."})
+    eval_do_concat_batches: bool = field(default=False, metadata={"help": "Must stay False for detection."})
+    backbone_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the backbone (authors' code: 1e-5 with lr 1e-4). None: learning_rate."},
+    )
+    calibration_batches: int = field(
+        default=4,
+        metadata={"help": "Training batches used to calibrate an uncalibrated student before the first step."},
+    )
+
+
+def load_teacher(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
+    """Load a real-valued (or any transformers DETR-style) teacher from a Hub id or a local folder.
+
+    The teacher uses eager attention so cross-attention maps are available to distillers that need them.
+
+    Raises:
+        FileNotFoundError: If ``name_or_path`` looks like a local path that does not exist.
+    """
+    path = Path(name_or_path)
+    if (path.is_absolute() or str(name_or_path).startswith(".")) and not path.exists():
+        raise FileNotFoundError(f"Teacher model folder not found: {name_or_path}")
+    kwargs.setdefault("attn_implementation", "eager")
+    return AutoModelForObjectDetection.from_pretrained(name_or_path, **kwargs)
+
+
+class QDetrDistillationTrainer(Trainer):
+    """`Trainer` for a (quantized) DETR student with an optional distillation loss from a frozen teacher.
+
+    Training loss: ``L = L_GT + sum(distiller terms)``, where ``L_GT`` is the detector's own Hungarian loss and the
+    distiller (e.g. :class:`~qdetr_hf.distillers.DRDDistiller`, which returns ``λ L_DRD``) sees both models' outputs
+    on the same batch. Each term is logged separately (``loss_gt``, ``loss_ce``, ``loss_bbox``, ``loss_giou``, the
+    distiller's ``loss_*`` terms and statistics, and the total ``loss``). Evaluation reports the ground-truth loss and
+    COCO metrics (``eval_AP``, ``eval_AP50``, ...).
+
+    The teacher is frozen (``requires_grad_(False)``, eval mode), is not a submodule of the student, and is placed by
+    Accelerate with ``prepare_model(..., evaluation_mode=True)`` (device and mixed-precision autocast, no DDP wrap).
+    Teacher and student label spaces are checked at construction.
+
+    Before the first step of a fresh run, an uncalibrated quantized student is calibrated on
+    ``args.calibration_batches`` training batches (statistics all-reduced across processes). Checkpoints are written
+    to ``output_dir/_staging`` and renamed into place once complete, so an interrupted save never leaves a
+    ``checkpoint-N`` that ``resume_from_checkpoint=True`` would pick up.
+
+    Args:
+        model: The student, usually a `QDetrForObjectDetection`.
+        args: Training arguments (a `QDetrTrainingArguments` gives the paper's defaults).
+        teacher_model: A model, or a Hub id / local path loaded with `AutoModelForObjectDetection`.
+        distiller: The distillation method; `None` trains on the ground-truth loss only (plain QAT).
+        teacher_kwargs: Extra keyword arguments for loading the teacher from a path.
+        **kwargs: Passed to `Trainer` (`train_dataset`, `eval_dataset`, `data_collator`, `processing_class`, ...).
+            `compute_metrics` defaults to COCO metrics with the student's `id2label`.
+    """
+
+    # compute_loss returns per-batch means: the Trainer divides them by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: PreTrainedModel | None = None,
+        args: TrainingArguments | None = None,
+        teacher_model: PreTrainedModel | str | os.PathLike | None = None,
+        distiller: Distiller | None = None,
+        teacher_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = QDetrTrainingArguments(output_dir="qdetr-output")
+        _fix_detection_arguments(args)
+        if kwargs.get("compute_metrics") is None and model is not None:
+            kwargs["compute_metrics"] = make_compute_metrics(id2label=model.config.id2label)
+        if distiller is not None and teacher_model is None:
+            raise ValueError(f"The '{distiller.name}' distiller needs a teacher: pass teacher_model=...")
+        super().__init__(model=model, args=args, **kwargs)
+        self.distiller = distiller
+        self.teacher: nn.Module | None = None
+        if teacher_model is not None:
+            if isinstance(teacher_model, (str, os.PathLike)):
+                teacher_model = load_teacher(teacher_model, **(teacher_kwargs or {}))
+            check_label_spaces(teacher_model.config, self.model.config)
+            if distiller is not None and distiller.needs_attentions:
+                teacher_model.set_attn_implementation("eager")
+            teacher_model.requires_grad_(False).eval()
+            self.teacher = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        if self.distiller is not None:
+            self.distiller.to(self.args.device)
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_count = 0
+        self.model_card_data: Any = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------------------------
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """Ground-truth loss of the student plus, in training with a distiller, the distillation terms."""
+        distill = model.training and self.distiller is not None and self.teacher is not None
+        if not distill:
+            outputs = model(**inputs)
+            if model.training:
+                self._record_terms(outputs.loss, outputs.loss_dict, {})
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+        distiller = self.distiller
+        extra = {}
+        if distiller.needs_attentions:
+            extra["output_attentions"] = True
+        if distiller.needs_hidden_states:
+            extra["output_hidden_states"] = True
+        student_model = self.accelerator.unwrap_model(model)
+        with capture_co_attended_features(student_model, distiller.co_attended_layers) as student_features:
+            outputs = model(**inputs, **extra)
+        images = {k: inputs[k] for k in ("pixel_values", "pixel_mask") if inputs.get(k) is not None}
+        teacher = self.teacher
+        with torch.no_grad(), capture_co_attended_features(teacher, distiller.co_attended_layers) as teacher_features:
+            teacher_outputs = teacher(**images, **extra)
+        student = DetectorOutputs(
+            logits=outputs.logits,
+            pred_boxes=outputs.pred_boxes,
+            outputs=outputs,
+            co_attended=student_features,
+            model=student_model,
+            pixel_values=inputs.get("pixel_values"),
+            pixel_mask=inputs.get("pixel_mask"),
+        )
+        teacher_view = DetectorOutputs(
+            logits=teacher_outputs.logits,
+            pred_boxes=teacher_outputs.pred_boxes,
+            outputs=teacher_outputs,
+            co_attended=teacher_features,
+            model=self.accelerator.unwrap_model(teacher),
+            pixel_values=inputs.get("pixel_values"),
+            pixel_mask=inputs.get("pixel_mask"),
+        )
+        terms = distiller(student, teacher_view, inputs["labels"])
+        loss = outputs.loss
+        for name, value in terms.items():
+            if name.startswith("loss_"):
+                loss = loss + value
+        self._record_terms(outputs.loss, outputs.loss_dict, terms)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_terms(self, loss_gt: torch.Tensor, loss_dict: dict | None, terms: dict[str, torch.Tensor]) -> None:
+        values = {"loss_gt": loss_gt}
+        for name in ("loss_ce", "loss_bbox", "loss_giou"):
+            if loss_dict and name in loss_dict:
+                values[name] = loss_dict[name]
+        values.update(terms)
+        for name, value in values.items():
+            value = value.detach().float()
+            self._term_sums[name] = self._term_sums[name] + value if name in self._term_sums else value
+        self._term_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean of each recorded loss term (averaged over processes) to the training logs."""
+        if "loss" in logs and self._term_count:
+            names = sorted(self._term_sums)
+            stacked = torch.stack([self._term_sums[n] / self._term_count for n in names])
+            stacked = self.accelerator.reduce(stacked, reduction="mean")
+            for name, value in zip(names, stacked.tolist()):
+                logs[name] = value
+            self._term_sums = {}
+            self._term_count = 0
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Optimiser: no weight decay on quantizer steps/offsets/DA; optional backbone learning rate
+    # ------------------------------------------------------------------------------------------------------------
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        names = super().get_decay_parameter_names(model)
+        return [n for n in names if not any(marker in n for marker in QUANTIZER_PARAMETER_MARKERS)]
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        backbone_lr = getattr(self.args, "backbone_learning_rate", None)
+        if self.optimizer is None and backbone_lr is not None:
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+            for name, param in opt_model.named_parameters():
+                if not param.requires_grad:
+                    continue
+                is_backbone = ".backbone." in f".{name}" and not any(m in name for m in QUANTIZER_PARAMETER_MARKERS)
+                groups.setdefault((is_backbone, name in decay), []).append(param)
+            param_groups = [
+                {
+                    "params": params,
+                    "weight_decay": self.args.weight_decay if with_decay else 0.0,
+                    **({"lr": backbone_lr} if is_backbone else {}),
+                }
+                for (is_backbone, with_decay), params in groups.items()
+            ]
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return super().create_optimizer(model)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Calibration before the first step
+    # ------------------------------------------------------------------------------------------------------------
+    def calibrate_student(self, num_batches: int | None = None) -> None:
+        """Calibrate the student's uncalibrated activation quantizers on training batches (all processes)."""
+        num_batches = num_batches or getattr(self.args, "calibration_batches", 4)
+        if num_batches <= 0:
+            raise ValueError(
+                "The student has uncalibrated activation quantizers and calibration_batches <= 0: calibrate it "
+                "yourself with qdetr_hf.calibrate(model, batches) or set calibration_batches > 0."
+            )
+        logger.info(f"Calibrating the student's activation quantizers on {num_batches} training batches.")
+        calibrate(
+            self.model,
+            self.get_train_dataloader(),
+            max_batches=num_batches,
+            device=self.args.device,
+            show_progress=self.is_world_process_zero(),
+            only_uncalibrated=True,
+        )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
+        """`Trainer.train`, calibrating an uncalibrated quantized student first (fresh runs only: a resumed run loads
+        the calibrated quantizers from its checkpoint)."""
+        if not resume_from_checkpoint and activation_quantizers(self.model) and not is_calibrated(self.model):
+            self.calibrate_student()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Evaluation: keep per-image targets intact when gathering the last (smaller) batch
+    # ------------------------------------------------------------------------------------------------------------
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        self.gather_function = detection_gather_for_metrics(self.accelerator)
+        return super().evaluation_loop(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Atomic checkpoints
+    # ------------------------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staged):
+            shutil.rmtree(staged)  # left over from an interrupted save
+        self.accelerator.wait_for_everyone()
+        # Trainer._save_checkpoint writes to `_get_output_dir() / checkpoint-N`: point it at the staging folder.
+        self._get_output_dir = lambda trial=None: staging_root  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == Path(staging_root):
+                self.state.best_model_checkpoint = os.path.join(run_dir, Path(self.state.best_model_checkpoint).name)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Model card
+    # ------------------------------------------------------------------------------------------------------------
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """Write the Q-DETR model card when :attr:`model_card_data` was set (by the example scripts after measuring
+        the model); otherwise fall back to the generic `Trainer` card."""
+        if self.model_card_data is None:
+            return super().create_model_card(*args, **kwargs)
+        if not self.is_world_process_zero():
+            return None
+        from .model_card import write_model_card
+
+        write_model_card(self.model_card_data, self.args.output_dir)
+        return None
+
+
+def _fix_detection_arguments(args: TrainingArguments) -> None:
+    if args.remove_unused_columns:
+        logger.warning("Object detection needs remove_unused_columns=False (labels are dicts); setting it.")
+        args.remove_unused_columns = False
+    if args.eval_do_concat_batches:
+        logger.warning("Object detection needs eval_do_concat_batches=False (ragged targets); setting it.")
+        args.eval_do_concat_batches = False
+
+
+__all__ = ["QDetrDistillationTrainer", "QDetrTrainingArguments", "load_teacher"]

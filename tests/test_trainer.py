@@ -1,0 +1,280 @@
+"""QDetrDistillationTrainer: frozen teacher, logged terms, gradient accumulation, bf16, calibration, resume."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from conftest import SHAPES, tiny_detr_kwargs
+from torch.utils.data import DataLoader, Dataset
+from transformers import DetrConfig, DetrForObjectDetection, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from qdetr_hf import QDetrForObjectDetection, calibrate
+from qdetr_hf.data import SyntheticShapesDataset
+from qdetr_hf.distillers import DRDDistiller
+from qdetr_hf.trainer import STAGING_DIR, QDetrDistillationTrainer, QDetrTrainingArguments, load_teacher
+
+
+def make_args(tmp_path, **overrides) -> QDetrTrainingArguments:
+    kwargs = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "max_steps": 2,
+        "learning_rate": 1e-4,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "seed": 0,
+        "calibration_batches": 2,
+    }
+    kwargs.update(overrides)
+    return QDetrTrainingArguments(**kwargs)
+
+
+@pytest.fixture
+def teacher(tiny_teacher_dir):
+    return load_teacher(tiny_teacher_dir)
+
+
+@pytest.fixture
+def student(tiny_teacher_dir):
+    return QDetrForObjectDetection.from_pretrained(tiny_teacher_dir)
+
+
+def make_trainer(tmp_path, student, teacher, shapes, distiller=None, **arg_overrides):
+    dataset, collator = shapes
+    return QDetrDistillationTrainer(
+        model=student,
+        args=make_args(tmp_path, **arg_overrides),
+        teacher_model=teacher,
+        distiller=distiller if distiller is not None else DRDDistiller(tau=0.3),
+        train_dataset=dataset,
+        data_collator=collator,
+    )
+
+
+def test_training_changes_only_the_student(tmp_path, student, teacher, tiny_shapes):
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer = make_trainer(tmp_path, student, teacher, tiny_shapes)
+    assert trainer.teacher is teacher and not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(module is not teacher for module in trainer.model.modules())  # not a submodule of the student
+    trainer.train()
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+    assert not teacher.training
+    changed = [k for k, v in student.state_dict().items() if not torch.equal(v, student_before[k])]
+    assert any(k.endswith("class_labels_classifier.weight") for k in changed)
+    assert any("weight_quantizer.raw_step" in k for k in changed)
+
+
+def test_each_loss_term_is_logged(tmp_path, student, teacher, tiny_shapes):
+    trainer = make_trainer(tmp_path, student, teacher, tiny_shapes)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert {"loss", "loss_gt", "loss_drd", "drd_selected", "loss_ce", "loss_bbox", "loss_giou"} <= set(entry)
+        # The total is the ground-truth loss plus the (weighted) DRD term.
+        assert entry["loss"] == pytest.approx(entry["loss_gt"] + entry["loss_drd"], rel=1e-4)
+        assert entry["loss_drd"] > 0
+
+
+def test_label_space_mismatch_is_a_clear_error(tmp_path, student, tiny_shapes):
+    other = {0: "circle", 1: "square", 2: "star"}
+    bad_teacher = DetrForObjectDetection(DetrConfig(**tiny_detr_kwargs(id2label=other)))
+    with pytest.raises(ValueError, match=r"label spaces differ.*teacher 'star' vs student 'triangle'"):
+        make_trainer(tmp_path, student, bad_teacher, tiny_shapes)
+    four = DetrForObjectDetection(DetrConfig(**tiny_detr_kwargs(num_labels=4)))
+    with pytest.raises(ValueError, match="4 classes"):
+        make_trainer(tmp_path, student, four, tiny_shapes)
+
+
+def test_a_distiller_needs_a_teacher(tmp_path, student, tiny_shapes):
+    with pytest.raises(ValueError, match="needs a teacher"):
+        QDetrDistillationTrainer(model=student, args=make_args(tmp_path), distiller=DRDDistiller())
+
+
+def test_missing_teacher_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Teacher model folder not found"):
+        load_teacher(str(tmp_path / "does-not-exist"))
+
+
+def test_uncalibrated_student_is_calibrated_before_the_first_step(tmp_path, student, teacher, tiny_shapes):
+    assert not student.is_calibrated
+    trainer = make_trainer(tmp_path, student, teacher, tiny_shapes, max_steps=1)
+    trainer.train()
+    assert student.is_calibrated
+
+
+def test_a_calibrated_student_keeps_its_calibration(tmp_path, student, teacher, tiny_shapes, monkeypatch):
+    dataset, collator = tiny_shapes
+    calibrate(student, DataLoader(dataset, batch_size=4, collate_fn=collator), max_batches=1)
+    trainer = make_trainer(tmp_path, student, teacher, tiny_shapes, max_steps=1)
+    monkeypatch.setattr(trainer, "calibrate_student", lambda *a, **k: pytest.fail("recalibrated"))
+    trainer.train()
+
+
+def test_no_weight_decay_on_quantizers_and_backbone_learning_rate(tmp_path, student, teacher, tiny_shapes):
+    trainer = make_trainer(tmp_path, student, teacher, tiny_shapes, backbone_learning_rate=1e-5, weight_decay=0.1)
+    decay = set(trainer.get_decay_parameter_names(student))
+    assert any(n.endswith("mlp.fc1.weight") for n in decay)
+    assert not any("_quantizer." in n or ".alignment." in n for n in decay)
+    optimizer = trainer.create_optimizer()
+    by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    params = dict(student.named_parameters())
+    assert by_param[id(params["model.backbone.model.layer2.0.conv1.weight"])]["lr"] == 1e-5
+    assert by_param[id(params["model.backbone.model.layer2.0.conv1.weight"])]["weight_decay"] == 0.1
+    step = params["model.backbone.model.layer2.0.conv1.weight_quantizer.raw_step"]
+    assert by_param[id(step)]["weight_decay"] == 0.0 and by_param[id(step)]["lr"] == 1e-4
+    assert by_param[id(params["class_labels_classifier.weight"])]["lr"] == 1e-4
+
+
+class _Repeat(Dataset):
+    """The same example ``n`` times (every micro-batch then has identical statistics)."""
+
+    def __init__(self, example, n: int) -> None:
+        self.example, self.n = example, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return self.example
+
+
+def _one_sgd_step(tmp_path, name, student, teacher, dataset, collator, distiller, batch_size, accumulation):
+    model = copy.deepcopy(student)
+    args = make_args(
+        tmp_path / name,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+    )
+    trainer = QDetrDistillationTrainer(
+        model=model,
+        args=args,
+        teacher_model=teacher,
+        distiller=distiller,
+        train_dataset=dataset,
+        data_collator=collator,
+        optimizers=(torch.optim.SGD(model.parameters(), lr=1.0), None),
+    )
+    trainer.train()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("with_drd", [False, True])
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, student, teacher, tiny_shapes, with_drd):
+    """2 micro-batches of 2 accumulate to the same update as one batch of 4 (SGD, lr 1: update = -gradient)."""
+    _, collator = tiny_shapes
+    if with_drd:
+        # Identical images: every normaliser (boxes, matched queries, DRD-selected queries) splits evenly.
+        dataset = _Repeat(SyntheticShapesDataset(num_images=1, image_size=64, seed=5, max_objects=3)[0], 4)
+    else:
+        # Different images with the same number of objects: DETR's box and class normalisers split evenly.
+        dataset = SyntheticShapesDataset(num_images=4, image_size=64, seed=7, min_objects=2, max_objects=2)
+    distiller = DRDDistiller(tau=0.3) if with_drd else None
+    calibrate(student, DataLoader(dataset, batch_size=4, collate_fn=collator), max_batches=1)
+    before = {k: v.detach().clone() for k, v in student.named_parameters()}
+    accumulated = _one_sgd_step(tmp_path, "ga", student, teacher, dataset, collator, distiller, 2, 2)
+    big = _one_sgd_step(tmp_path, "big", student, teacher, dataset, collator, distiller, 4, 1)
+    moved = 0
+    for key, value in big.items():
+        torch.testing.assert_close(accumulated[key], value, rtol=1e-4, atol=1e-6, msg=key)
+        moved += int(not torch.equal(value, before[key]))
+    assert moved > 10
+
+
+def test_bf16_training_step(tmp_path, student, teacher, tiny_shapes):
+    trainer = make_trainer(tmp_path, student, teacher, tiny_shapes, bf16=True, max_steps=2)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(torch.isfinite(torch.tensor([e["loss"], e["loss_drd"]])).all() for e in logs)
+    assert student.model.decoder.layers[0].mlp.fc1.weight.dtype == torch.float32  # master weights stay fp32
+
+
+@pytest.mark.slow
+def test_short_distillation_run_lowers_the_loss(tmp_path, student, teacher, tiny_shapes):
+    dataset, _ = tiny_shapes
+    trainer = make_trainer(
+        tmp_path, student, teacher, tiny_shapes, max_steps=60, learning_rate=1e-3, lr_scheduler_type="constant"
+    )
+    trainer.eval_dataset = dataset
+    trainer.calibrate_student()
+    before = trainer.evaluate()["eval_loss"]  # ground-truth loss on the (fixed) training images
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < 0.9 * before, (before, after)
+    logged = [entry for entry in trainer.state.log_history if "loss_drd" in entry]
+    assert len(logged) == 60 and all(entry["loss_drd"] > 0 for entry in logged)
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, student, teacher, tiny_shapes):
+    reference = make_trainer(tmp_path / "ref", copy.deepcopy(student), teacher, tiny_shapes, max_steps=4)
+    reference.train()
+
+    common = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
+    interrupted = make_trainer(tmp_path, copy.deepcopy(student), teacher, tiny_shapes, **common)
+    interrupted.add_callback(_StopAt(3))
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    output_dir = tmp_path / "out"
+    assert get_last_checkpoint(str(output_dir)) == str(output_dir / "checkpoint-2")
+
+    resumed = make_trainer(tmp_path, copy.deepcopy(student), teacher, tiny_shapes, **common)
+    resumed.train(resume_from_checkpoint=True)
+    steps = [entry["step"] for entry in resumed.state.log_history if "loss" in entry]
+    assert steps[0] == 3 and resumed.state.global_step == 4  # continued from step 2, did not start over
+    for (key, value), expected in zip(resumed.model.state_dict().items(), reference.model.state_dict().values()):
+        torch.testing.assert_close(value, expected, msg=key)
+
+
+def test_a_failed_save_leaves_no_checkpoint_behind(tmp_path, student, teacher, tiny_shapes, monkeypatch):
+    trainer = make_trainer(tmp_path, student, teacher, tiny_shapes, max_steps=4, save_strategy="steps", save_steps=2)
+    original = QDetrDistillationTrainer._save_rng_state
+
+    def crash_on_second_save(self, output_dir):
+        if self.state.global_step == 4:
+            raise OSError("disk full (simulated)")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(QDetrDistillationTrainer, "_save_rng_state", crash_on_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    output_dir = tmp_path / "out"
+    assert (output_dir / "checkpoint-2" / "model.safetensors").is_file()
+    assert not (output_dir / "checkpoint-4").exists()
+    assert (output_dir / STAGING_DIR / "checkpoint-4").exists()  # the partial save stays out of the way
+    assert get_last_checkpoint(str(output_dir)) == str(output_dir / "checkpoint-2")
+    assert sorted(os.listdir(output_dir / "checkpoint-2")) >= ["config.json", "model.safetensors"]
+
+
+def test_evaluation_reports_coco_metrics(tmp_path, student, teacher, tiny_shapes):
+    dataset, collator = tiny_shapes
+    calibrate(student, DataLoader(dataset, batch_size=4, collate_fn=collator), max_batches=1)
+    trainer = make_trainer(tmp_path, student, teacher, tiny_shapes)
+    trainer.eval_dataset = dataset
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_AP", "eval_AP50", "eval_AP75", "eval_APs", "eval_AR100"} <= set(metrics)
+    assert 0.0 <= metrics["eval_AP"] <= 1.0
+    assert {int(k): v for k, v in student.config.id2label.items()} == SHAPES
