@@ -519,3 +519,19 @@ def test_with_real_trainer_evaluate(tmp_path: Any) -> None:
         assert [result[f"eval_{key}"] for key in COCO_METRIC_KEYS] == pytest.approx(
             [expected[key] for key in COCO_METRIC_KEYS], abs=1e-6
         )
+
+
+def test_custom_area_ranges_move_objects_between_buckets() -> None:
+    # One 20 x 20 box (area 400 px²): COCO calls it small (< 32²); with buckets scaled to a 128 x 128 image
+    # (small < 54.6, large > 491.5 px²) it is medium.
+    from qdetr_hf.data import scaled_coco_area_ranges
+
+    references = [{"image_id": 1, "boxes": [[10.0, 10.0, 30.0, 30.0]], "labels": [0]}]
+    predictions = [{"image_id": 1, "boxes": [[10.0, 10.0, 30.0, 30.0]], "scores": [0.9], "labels": [0]}]
+    coco = compute_coco_metrics(predictions, references, num_labels=1)
+    assert (coco["APs"], coco["APm"], coco["APl"]) == pytest.approx((1.0, -1.0, -1.0))
+    scaled = compute_coco_metrics(predictions, references, num_labels=1, area_ranges=scaled_coco_area_ranges(128, 128))
+    assert (scaled["APs"], scaled["APm"], scaled["APl"]) == pytest.approx((-1.0, 1.0, -1.0))
+    assert scaled["AP"] == pytest.approx(1.0) and coco["AP"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="area_ranges"):
+        compute_coco_metrics(predictions, references, area_ranges={"small": (0, 1)})

@@ -303,6 +303,12 @@ class DetectionDataset(Dataset):
         """Number of classes K."""
         return len(self._id2label)
 
+    @property
+    def area_ranges(self) -> dict[str, tuple[float, float]] | None:
+        """Small/medium/large area buckets for COCO metrics on this dataset; ``None`` means COCO's own (meant for
+        images of about 640 x 480 px)."""
+        return None
+
     # -- to implement -------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         """Number of images."""
@@ -1145,6 +1151,12 @@ class SyntheticShapesDataset(DetectionDataset):
     def __len__(self) -> int:
         """Number of images."""
         return self.num_images
+
+    @property
+    def area_ranges(self) -> dict[str, tuple[float, float]]:
+        """COCO's size buckets scaled to this image size (:func:`scaled_coco_area_ranges`): at 128 px COCO's own
+        thresholds would call 68% of the objects small and none large."""
+        return scaled_coco_area_ranges(self.width, self.height)
 
     # -- generation ---------------------------------------------------------------------------------------------------
     def _background(self, rng: np.random.Generator) -> np.ndarray:

@@ -151,6 +151,7 @@ def compute_coco_metrics(
     *,
     per_class: bool = False,
     verbose: bool = False,
+    area_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, float]:
     """Runs the official COCO bbox evaluation (pycocotools `COCOeval`) on in-memory detections.
 
@@ -174,6 +175,9 @@ def compute_coco_metrics(
         per_class: Also return ``"AP_<label>"`` (AP@[.50:.95], all areas, 100 detections) for every class present
             in `references` or `num_labels`.
         verbose: Let pycocotools print its progress and summary table (silenced by default).
+        area_ranges: Replace COCO's small/medium/large buckets (``< 32²``, ``< 96²``, rest, in px², meant for
+            ~640 x 480 images), e.g. with :func:`qdetr_hf.data.scaled_coco_area_ranges` for small images. A mapping
+            with ``"small"``, ``"medium"`` and ``"large"`` ``(low, high)`` areas in px².
 
     Returns:
         The 12 `COCOeval.summarize()` numbers as python floats under `COCO_METRIC_KEYS` (AP, AP50, AP75, APs, APm,
@@ -191,6 +195,8 @@ def compute_coco_metrics(
 
     if num_labels is not None and num_labels <= 0:
         raise ValueError(f"num_labels must be positive, got {num_labels}")
+    if area_ranges is not None and not {"small", "medium", "large"} <= set(area_ranges):
+        raise ValueError(f"area_ranges needs 'small', 'medium' and 'large' entries, got {sorted(area_ranges)}")
 
     images: list[dict[str, Any]] = []
     gt_annotations: list[dict[str, Any]] = []
@@ -271,6 +277,10 @@ def compute_coco_metrics(
             coco_dt.dataset = {**dataset, "annotations": []}
             coco_dt.createIndex()
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if area_ranges is not None:
+            coco_eval.params.areaRng = [[0.0, 1e10]] + [
+                [float(area_ranges[k][0]), min(float(area_ranges[k][1]), 1e10)] for k in ("small", "medium", "large")
+            ]
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
@@ -437,10 +447,15 @@ class CocoEvaluator:
             the per-class APs.
         top_k: Detections kept per image (the best-scoring queries).
         per_class: Also report ``"AP_<class name>"`` for every class.
+        area_ranges: Custom small/medium/large buckets (see `compute_coco_metrics`).
     """
 
     def __init__(
-        self, id2label: Mapping[int, str] | None = None, top_k: int | None = 100, per_class: bool = False
+        self,
+        id2label: Mapping[int, str] | None = None,
+        top_k: int | None = 100,
+        per_class: bool = False,
+        area_ranges: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         self.id2label = {int(k): str(v) for k, v in id2label.items()} if id2label is not None else None
         self.num_labels = len(self.id2label) if self.id2label is not None else None
@@ -448,6 +463,7 @@ class CocoEvaluator:
             raise ValueError(f"id2label keys must be 0..{len(self.id2label) - 1}, got {sorted(self.id2label)}")
         self.top_k = top_k
         self.per_class = per_class
+        self.area_ranges = dict(area_ranges) if area_ranges is not None else None
         self._predictions: list[dict[str, Any]] = []
         self._references: list[dict[str, Any]] = []
 
@@ -512,7 +528,11 @@ class CocoEvaluator:
     def compute(self) -> dict[str, float]:
         """Returns the COCO metrics of everything accumulated so far (see `compute_coco_metrics`)."""
         metrics = compute_coco_metrics(
-            self._predictions, self._references, num_labels=self.num_labels, per_class=self.per_class
+            self._predictions,
+            self._references,
+            num_labels=self.num_labels,
+            per_class=self.per_class,
+            area_ranges=self.area_ranges,
         )
         if self.per_class and self.id2label is not None:
             metrics = {(f"AP_{self.id2label[int(k[3:])]}" if k.startswith("AP_") else k): v for k, v in metrics.items()}
@@ -572,7 +592,10 @@ def detection_gather_for_metrics(accelerator: Accelerator) -> Callable[[Any], An
 
 
 def make_compute_metrics(
-    id2label: Mapping[int, str] | None = None, top_k: int | None = 100, per_class: bool = False
+    id2label: Mapping[int, str] | None = None,
+    top_k: int | None = 100,
+    per_class: bool = False,
+    area_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> CocoEvaluator:
     """Builds the `compute_metrics` callable for `transformers.Trainer` (see `CocoEvaluator`).
 
@@ -580,11 +603,12 @@ def make_compute_metrics(
         id2label: Class names (e.g. ``model.config.id2label``).
         top_k: Detections kept per image.
         per_class: Also report per-class AP.
+        area_ranges: Custom small/medium/large buckets (see `compute_coco_metrics`).
 
     Returns:
         A `CocoEvaluator`.
     """
-    return CocoEvaluator(id2label=id2label, top_k=top_k, per_class=per_class)
+    return CocoEvaluator(id2label=id2label, top_k=top_k, per_class=per_class, area_ranges=area_ranges)
 
 
 def load_coco_metric(**kwargs: Any) -> evaluate.EvaluationModule:
