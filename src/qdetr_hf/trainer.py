@@ -9,12 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 from torch import nn
 from transformers import AutoModelForObjectDetection, PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
-from .distillers.base import DetectorOutputs, Distiller, capture_co_attended_features, check_label_spaces
+from .distillers.base import (
+    DetectorOutputs,
+    Distiller,
+    capture_co_attended_features,
+    capture_decoder_inputs,
+    check_label_spaces,
+)
 from .metrics import detection_gather_for_metrics, make_compute_metrics
 from .quantization import activation_quantizers, calibrate, is_calibrated
 
@@ -23,6 +31,12 @@ logger = logging.get_logger(__name__)
 STAGING_DIR = "_staging"
 """Sub-folder of ``output_dir`` where checkpoints are written before being renamed into place (atomic save). Its
 leading underscore keeps it out of ``Trainer.push_to_hub`` uploads."""
+
+DISTILLER_STATE_NAME = "distiller.pt"
+"""File in a checkpoint folder holding the distiller's own parameters (e.g. IDa-Det's learned variance)."""
+
+PUSH_IGNORE_PATTERNS = ["_*", f"{PREFIX_CHECKPOINT_DIR}-*"]
+"""What `Trainer.push_to_hub` (transformers 5.23) leaves out of the upload of ``output_dir``."""
 
 QUANTIZER_PARAMETER_MARKERS = ("_quantizer.", ".alignment.")
 """Parameters whose names contain one of these are quantizer steps/offsets or DA affines: no weight decay."""
@@ -158,12 +172,20 @@ class QDetrDistillationTrainer(Trainer):
         if distiller.needs_hidden_states:
             extra["output_hidden_states"] = True
         student_model = self.accelerator.unwrap_model(model)
-        with capture_co_attended_features(student_model, distiller.co_attended_layers) as student_features:
+        teacher = self.accelerator.unwrap_model(self.teacher)
+        wants_decoder = distiller.needs_decoder_inputs
+        with (
+            capture_co_attended_features(student_model, distiller.co_attended_layers) as student_features,
+            capture_decoder_inputs(student_model, wants_decoder) as student_decoder,
+        ):
             outputs = model(**inputs, **extra)
         images = {k: inputs[k] for k in ("pixel_values", "pixel_mask") if inputs.get(k) is not None}
-        teacher = self.teacher
-        with torch.no_grad(), capture_co_attended_features(teacher, distiller.co_attended_layers) as teacher_features:
-            teacher_outputs = teacher(**images, **extra)
+        with (
+            torch.no_grad(),
+            capture_co_attended_features(teacher, distiller.co_attended_layers) as teacher_features,
+            capture_decoder_inputs(teacher, wants_decoder) as teacher_decoder,
+        ):
+            teacher_outputs = self.teacher(**images, **extra)
         student = DetectorOutputs(
             logits=outputs.logits,
             pred_boxes=outputs.pred_boxes,
@@ -172,15 +194,17 @@ class QDetrDistillationTrainer(Trainer):
             model=student_model,
             pixel_values=inputs.get("pixel_values"),
             pixel_mask=inputs.get("pixel_mask"),
+            decoder_inputs=student_decoder if wants_decoder else None,
         )
         teacher_view = DetectorOutputs(
             logits=teacher_outputs.logits,
             pred_boxes=teacher_outputs.pred_boxes,
             outputs=teacher_outputs,
             co_attended=teacher_features,
-            model=self.accelerator.unwrap_model(teacher),
+            model=teacher,
             pixel_values=inputs.get("pixel_values"),
             pixel_mask=inputs.get("pixel_mask"),
+            decoder_inputs=teacher_decoder if wants_decoder else None,
         )
         terms = distiller(student, teacher_view, inputs["labels"])
         loss = outputs.loss
@@ -222,14 +246,19 @@ class QDetrDistillationTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         backbone_lr = getattr(self.args, "backbone_learning_rate", None)
-        if self.optimizer is None and backbone_lr is not None:
+        distiller_params = self._distiller_parameters()
+        if self.optimizer is None and (backbone_lr is not None or distiller_params):
             opt_model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(opt_model))
             groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
             for name, param in opt_model.named_parameters():
                 if not param.requires_grad:
                     continue
-                is_backbone = ".backbone." in f".{name}" and not any(m in name for m in QUANTIZER_PARAMETER_MARKERS)
+                is_backbone = (
+                    backbone_lr is not None
+                    and ".backbone." in f".{name}"
+                    and not any(m in name for m in QUANTIZER_PARAMETER_MARKERS)
+                )
                 groups.setdefault((is_backbone, name in decay), []).append(param)
             param_groups = [
                 {
@@ -239,9 +268,35 @@ class QDetrDistillationTrainer(Trainer):
                 }
                 for (is_backbone, with_decay), params in groups.items()
             ]
+            if distiller_params:
+                param_groups.append({"params": distiller_params, "weight_decay": 0.0})
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return super().create_optimizer(model)
+
+    def _distiller_parameters(self) -> list[nn.Parameter]:
+        if self.distiller is None:
+            return []
+        return [p for p in self.distiller.parameters() if p.requires_grad]
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The distiller is not wrapped by DDP: average its gradients across processes by hand.
+        params = [p for p in self._distiller_parameters() if p.grad is not None]
+        if params and self.accelerator.num_processes > 1:
+            for param in params:
+                param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+        return loss
+
+    def _save_distiller(self, output_dir: str) -> None:
+        if self._distiller_parameters() and self.args.should_save:
+            torch.save(self.distiller.state_dict(), os.path.join(output_dir, DISTILLER_STATE_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, DISTILLER_STATE_NAME)
+        if self.distiller is not None and os.path.isfile(path):
+            self.distiller.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
 
     # ------------------------------------------------------------------------------------------------------------
     # Calibration before the first step
@@ -295,6 +350,7 @@ class QDetrDistillationTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir
+        self._save_distiller(staged)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             if os.path.exists(final):
@@ -326,6 +382,16 @@ class QDetrDistillationTrainer(Trainer):
         return None
 
 
+def files_to_push(output_dir: str | os.PathLike) -> list[str]:
+    """The files `Trainer.push_to_hub` would upload from ``output_dir`` (relative paths), filtered exactly as
+    ``huggingface_hub.HfApi.upload_folder`` filters them; lets you check an upload offline."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Output folder not found: {output_dir}")
+    files = [path.relative_to(folder).as_posix() for path in sorted(folder.glob("**/*")) if path.is_file()]
+    return list(filter_repo_objects(files, ignore_patterns=PUSH_IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS))
+
+
 def _fix_detection_arguments(args: TrainingArguments) -> None:
     if args.remove_unused_columns:
         logger.warning("Object detection needs remove_unused_columns=False (labels are dicts); setting it.")
@@ -335,4 +401,4 @@ def _fix_detection_arguments(args: TrainingArguments) -> None:
         args.eval_do_concat_batches = False
 
 
-__all__ = ["QDetrDistillationTrainer", "QDetrTrainingArguments", "load_teacher"]
+__all__ = ["QDetrDistillationTrainer", "QDetrTrainingArguments", "files_to_push", "load_teacher"]

@@ -25,6 +25,10 @@ class DetectorOutputs:
         model: The unwrapped model (for distillers that run extra decoder passes, e.g. KD-DETR).
         pixel_values: The batch images.
         pixel_mask: The batch pixel mask, or ``None``.
+        decoder_inputs: Keyword arguments the model passed to its decoder (``inputs_embeds``,
+            ``encoder_hidden_states``, ``encoder_attention_mask``, ``spatial_position_embeddings``,
+            ``object_queries_position_embeddings``, ...), captured when the distiller sets ``needs_decoder_inputs``;
+            re-run the decoder with other queries through :func:`run_decoder`.
     """
 
     logits: torch.Tensor
@@ -34,6 +38,7 @@ class DetectorOutputs:
     model: nn.Module | None = None
     pixel_values: torch.Tensor | None = None
     pixel_mask: torch.Tensor | None = None
+    decoder_inputs: dict[str, Any] | None = None
 
 
 class Distiller(nn.Module):
@@ -50,12 +55,17 @@ class Distiller(nn.Module):
         needs_attentions: Run both models with ``output_attentions=True`` (cross-attention maps; the teacher is loaded
             with eager attention for this).
         needs_hidden_states: Run both models with ``output_hidden_states=True``.
+        needs_decoder_inputs: Capture the decoder's inputs of both models (for extra decoder passes).
+
+    A distiller may own parameters (e.g. a learned variance): the trainer optimises them with the student (no weight
+    decay), averages their gradients across processes and stores them in checkpoints.
     """
 
     name: str = "distiller"
     co_attended_layers: tuple[int, ...] = ()
     needs_attentions: bool = False
     needs_hidden_states: bool = False
+    needs_decoder_inputs: bool = False
 
     def forward(
         self, student: DetectorOutputs, teacher: DetectorOutputs, labels: Sequence[dict[str, torch.Tensor]]
@@ -124,6 +134,93 @@ def capture_co_attended_features(model: nn.Module, layers: Sequence[int]) -> Ite
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def capture_decoder_inputs(model: nn.Module, enabled: bool = True) -> Iterator[dict[str, Any]]:
+    """Capture the keyword arguments of ``model.model.decoder``'s forward call inside the block (if ``enabled``)."""
+    captured: dict[str, Any] = {}
+    if not enabled:
+        yield captured
+        return
+    decoder_layers(model)  # validates the model layout
+    decoder = model.model.decoder
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.clear()
+        captured.update(kwargs)
+
+    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def run_decoder(
+    model: nn.Module, decoder_inputs: dict[str, Any], query_position_embeddings: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode another set of queries with ``model``'s decoder and heads, reusing a captured forward's encoder memory.
+
+    The new queries are decoded in their own pass (they never attend to the detection queries), as KD-DETR requires.
+
+    Args:
+        model: A transformers DETR detection model (``DetrForObjectDetection`` or ``QDetrForObjectDetection``).
+        decoder_inputs: What :func:`capture_decoder_inputs` recorded during the model's forward on the batch.
+        query_position_embeddings: ``(B, N, d_model)`` or ``(N, d_model)`` object-query position embeddings.
+
+    Returns:
+        ``(logits (L, B, N, C + 1), boxes (L, B, N, 4), hidden (L, B, N, d_model))`` for every decoder layer, each
+        exactly as DETR's heads see it (the last layer reproduces the model's own ``logits`` / ``pred_boxes`` when the
+        model's query embeddings are passed).
+    """
+    if not decoder_inputs:
+        raise ValueError("run_decoder needs the captured decoder inputs of a forward pass (needs_decoder_inputs=True).")
+    memory = decoder_inputs["encoder_hidden_states"]
+    batch = memory.shape[0]
+    if query_position_embeddings.dim() == 2:
+        query_position_embeddings = query_position_embeddings.unsqueeze(0).expand(batch, -1, -1)
+    decoder = model.model.decoder
+    kwargs = {
+        k: v
+        for k, v in decoder_inputs.items()
+        if k in ("encoder_hidden_states", "encoder_attention_mask", "spatial_position_embeddings")
+    }
+    states = []
+    hidden = torch.zeros_like(query_position_embeddings)
+
+    def keep(module: nn.Module, args: tuple, output: Any) -> None:
+        states.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer.register_forward_hook(keep) for layer in decoder.layers]
+    try:
+        decoder(inputs_embeds=hidden, object_queries_position_embeddings=query_position_embeddings, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return layer_predictions(model, states)
+
+
+def layer_predictions(
+    model: nn.Module, layer_outputs: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class logits and boxes of every decoder layer from the layers' raw outputs, exactly as DETR's heads see them.
+
+    DETR's heads read each layer's output through the decoder LayerNorm; with ``auxiliary_loss`` the decoder applies
+    it after every layer and then once more to the last one (which the main head sees). The raw outputs are what
+    forward hooks on ``decoder.layers[i]`` return, or ``outputs.decoder_hidden_states[1:]`` (one per layer).
+
+    Returns:
+        ``(logits (L, B, Q, C + 1), boxes (L, B, Q, 4), normed states (L, B, Q, d_model))``.
+    """
+    decoder = model.model.decoder
+    normed = [decoder.layernorm(state) for state in layer_outputs]
+    if model.config.auxiliary_loss:
+        normed[-1] = decoder.layernorm(normed[-1])
+    per_layer = torch.stack(normed)
+    logits = model.class_labels_classifier(per_layer)
+    boxes = model.bbox_predictor(per_layer).sigmoid()
+    return logits, boxes, per_layer
 
 
 def check_label_spaces(teacher_config: Any, student_config: Any) -> None:
