@@ -1,0 +1,388 @@
+#!/usr/bin/env python
+"""Distil a low-bit quantized DETR student from a real-valued teacher (Q-DETR and friends).
+
+With no arguments it runs the package's main job on a CPU in about ten minutes: the small teacher shipped in
+``examples/teacher-synthetic``, the built-in synthetic shapes data, a 4-4-8 student initialised from the teacher and
+distilled with Q-DETR's DA + DRD. It prints a teacher vs student table and writes the student, its image processor,
+a model card, ``results.json`` and ``detections.png`` to ``--output_dir``.
+
+    accelerate launch examples/distill.py
+    accelerate launch --config_file examples/accelerate_configs/multi_gpu_bf16.yaml examples/distill.py \\
+        --teacher_model_name_or_path facebook/detr-resnet-101 --model_name_or_path facebook/detr-resnet-50 \\
+        --dataset_name ../shared/data/bccd --image_size 800 --max_steps 50000 \\
+        --push_to_hub --hub_model_id <you>/qdetr-r50-4bit-bccd
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoImageProcessor, HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from qdetr_hf import QDetrForObjectDetection, calibrate
+from qdetr_hf.data import DetrCollator, default_image_processor, load_detection_dataset
+from qdetr_hf.distillers import Distiller, DRDDistiller
+from qdetr_hf.efficiency import efficiency_report
+from qdetr_hf.metrics import make_compute_metrics, post_process_detections
+from qdetr_hf.model_card import ModelCardData
+from qdetr_hf.trainer import QDetrDistillationTrainer, QDetrTrainingArguments, load_teacher
+from qdetr_hf.visualization import save_detection_grid
+
+logger = logging.getLogger("distill")
+
+EXAMPLES_DIR = Path(__file__).resolve().parent
+DEFAULT_TEACHER = str(EXAMPLES_DIR / "teacher-synthetic")
+DISTILLATION_METHODS = ("drd", "none")
+
+
+@dataclass
+class ModelArguments:
+    """Teacher, student initialisation and quantization."""
+
+    teacher_model_name_or_path: str = field(
+        default=DEFAULT_TEACHER, metadata={"help": "Real-valued teacher DETR: Hub id or local folder."}
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Student initialisation (real-valued DETR or Q-DETR). Default: the teacher."}
+    )
+    weight_bits: int = field(default=4, metadata={"help": "Weight bits (2-8)."})
+    activation_bits: int = field(default=4, metadata={"help": "Activation bits (2-8)."})
+    attention_bits: int = field(default=8, metadata={"help": "q/k/v/softmax bits (paper: 8)."})
+    first_conv_bits: int = field(default=8, metadata={"help": "Bits of the backbone's first convolution."})
+    distribution_alignment: str = field(
+        default="cross_attention", metadata={"help": "DA location: cross_attention, self_attention, both, none."}
+    )
+    activation_offset: bool = field(default=True, metadata={"help": "LSQ+ learned offsets (False: plain LSQ)."})
+    two_stage: bool = field(
+        default=False,
+        metadata={"help": "Q-DETR's two-stage schedule: backbone-only quantization first, then the full model."},
+    )
+    stage1_fraction: float = field(
+        default=0.5, metadata={"help": "Share of max_steps spent in stage 1 with --two_stage (project choice)."}
+    )
+
+
+@dataclass
+class DistillationArguments:
+    """Distillation method and its hyper-parameters (defaults: Q-DETR paper)."""
+
+    distillation: str = field(default="drd", metadata={"help": f"One of {', '.join(DISTILLATION_METHODS)}."})
+    drd_tau: float = field(default=0.6, metadata={"help": "FQM selection threshold τ (paper: 0.6)."})
+    drd_weight: float = field(default=2.5, metadata={"help": "λ of L_GT + λ L_DRD (paper: 2.5)."})
+    drd_match_giou_weight: float = field(default=2.0, metadata={"help": "μ1 of the teacher pairing (paper: 2)."})
+    drd_match_l1_weight: float = field(default=5.0, metadata={"help": "μ2 of the teacher pairing (paper: 5)."})
+    drd_layers: list[int] = field(
+        default_factory=lambda: [-1], metadata={"help": "Decoder layers distilled (project choice: last)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Data (see qdetr_hf.data.load_detection_dataset) and outputs."""
+
+    dataset_name: str = field(
+        default="synthetic", metadata={"help": "'synthetic', a COCO/VOC/save_to_disk folder, or a Hub dataset."}
+    )
+    dataset_format: str = field(default="auto", metadata={"help": "auto, synthetic, coco, voc or hub."})
+    train_split: str = "train"
+    eval_split: str = "validation"
+    image_size: int | None = field(
+        default=None, metadata={"help": "Network input side; default: the teacher's image processor."}
+    )
+    num_train_images: int = field(default=4000, metadata={"help": "Synthetic data only."})
+    num_eval_images: int = field(default=200, metadata={"help": "Synthetic data only."})
+    augment: bool = field(default=True, metadata={"help": "Random horizontal flips."})
+    num_visualized: int = field(default=8, metadata={"help": "Validation images drawn in detections.png."})
+    visualization_threshold: float = field(default=0.5, metadata={"help": "Score threshold of detections.png."})
+
+
+MAIN_JOB_DEFAULTS = [
+    "--output_dir", "runs/qdetr-synthetic-4bit",
+    "--max_steps", "1500",
+    "--per_device_train_batch_size", "16",
+    "--per_device_eval_batch_size", "32",
+    "--learning_rate", "1e-4",
+    "--lr_scheduler_type", "cosine",
+    "--warmup_steps", "50",
+    "--logging_steps", "50",
+    "--save_steps", "500",
+    "--save_total_limit", "1",
+    "--eval_strategy", "no",
+    "--report_to", "none",
+    "--dataloader_num_workers", "0",
+]  # fmt: skip
+
+
+def build_distiller(args: DistillationArguments) -> Distiller | None:
+    """The distiller selected by ``--distillation``."""
+    if args.distillation == "none":
+        return None
+    if args.distillation == "drd":
+        return DRDDistiller(
+            tau=args.drd_tau,
+            weight=args.drd_weight,
+            match_giou_weight=args.drd_match_giou_weight,
+            match_l1_weight=args.drd_match_l1_weight,
+            layers=tuple(args.drd_layers),
+        )
+    raise ValueError(f"--distillation must be one of {DISTILLATION_METHODS}, got {args.distillation!r}.")
+
+
+def quantization_kwargs(args: ModelArguments, stage: int | None = None) -> dict[str, Any]:
+    """QDetrConfig overrides for the student (``stage=1``: Q-DETR's backbone-only first stage)."""
+    kwargs: dict[str, Any] = {
+        "weight_bits": args.weight_bits,
+        "activation_bits": args.activation_bits,
+        "attention_bits": args.attention_bits,
+        "first_conv_bits": args.first_conv_bits,
+        "distribution_alignment": args.distribution_alignment,
+        "activation_offset": args.activation_offset,
+    }
+    if stage is not None:
+        kwargs.update(quantize_backbone=True, quantize_encoder=stage == 2, quantize_decoder=stage == 2)
+    return kwargs
+
+
+def load_datasets(data_args: DataArguments, image_size: int, seed: int):
+    extra: dict[str, Any] = {}
+    if data_args.dataset_name == "synthetic":
+        extra = {"image_size": image_size, "seed": seed}
+    train = load_detection_dataset(
+        data_args.dataset_name,
+        data_args.train_split,
+        data_args.dataset_format,
+        **({"num_images": data_args.num_train_images, **extra} if extra else {}),
+    )
+    evaluation = load_detection_dataset(
+        data_args.dataset_name,
+        data_args.eval_split,
+        data_args.dataset_format,
+        **({"num_images": data_args.num_eval_images, **extra} if extra else {}),
+    )
+    return train, evaluation
+
+
+def processor_for(teacher_path: str, image_size: int | None):
+    """The teacher's image processor (or one for ``image_size``), so teacher and student see the same inputs."""
+    if image_size is not None:
+        return default_image_processor(image_size), image_size
+    try:
+        processor = AutoImageProcessor.from_pretrained(teacher_path)
+    except OSError:
+        logger.warning("The teacher has no image processor; using a 800 px DETR processor (set --image_size).")
+        return default_image_processor(800), 800
+    size = processor.size
+    side = size.get("max_height") or size.get("height") or size.get("longest_edge") or size.get("shortest_edge")
+    return processor, int(side)
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    header = f"{'model':<26}{'AP':>7}{'AP50':>7}{'AP75':>7}{'size MB':>9}{'speed-up':>10}"
+    lines = [header, "-" * len(header)]
+    for name, row in rows.items():
+        lines.append(
+            f"{name:<26}{100 * row['AP']:>7.1f}{100 * row['AP50']:>7.1f}{100 * row['AP75']:>7.1f}"
+            f"{row['size_mb']:>9.2f}{row['speedup']:>9.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def coco_metrics_for(model, dataset):
+    """COCO metrics with the dataset's size buckets (scaled to the image size for the synthetic data)."""
+    return make_compute_metrics(id2label=model.config.id2label, area_ranges=dataset.area_ranges)
+
+
+def evaluate_model(model, training_args, eval_dataset, collator, processor) -> dict[str, float]:
+    """COCO metrics of any detection model on ``eval_dataset`` (no training, no checkpoints)."""
+    trainer = QDetrDistillationTrainer(
+        model=model,
+        args=training_args,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=processor,
+        compute_metrics=coco_metrics_for(model, eval_dataset),
+    )
+    metrics = trainer.evaluate()
+    return {k.removeprefix("eval_"): v for k, v in metrics.items() if "AP" in k or "AR" in k}
+
+
+@torch.no_grad()
+def visualize(model, dataset, collator, path: Path, count: int, threshold: float) -> Path:
+    examples = [dataset[i] for i in range(min(count, len(dataset)))]
+    batch = collator(examples)
+    device = next(model.parameters()).device
+    model.eval()
+    outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
+    sizes = torch.tensor([[ex["image"].height, ex["image"].width] for ex in examples])
+    detections = post_process_detections(outputs.logits.float().cpu(), outputs.pred_boxes.float().cpu(), sizes)
+    return save_detection_grid(
+        [ex["image"] for ex in examples], detections, model.config.id2label, path, threshold=threshold
+    )
+
+
+def train_student(
+    model_args, distill_args, training_args, student, teacher, train_dataset, eval_dataset, collator, processor
+) -> QDetrDistillationTrainer:
+    trainer = QDetrDistillationTrainer(
+        model=student,
+        args=training_args,
+        teacher_model=teacher,
+        distiller=build_distiller(distill_args),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=processor,
+        compute_metrics=coco_metrics_for(student, eval_dataset),
+    )
+    checkpoint = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+    if checkpoint:
+        logger.info(f"Resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = HfArgumentParser((ModelArguments, DistillationArguments, DataArguments, QDetrTrainingArguments))
+    model_args, distill_args, data_args, training_args = parser.parse_args_into_dataclasses(
+        MAIN_JOB_DEFAULTS + (sys.argv[1:] if argv is None else argv)
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not training_args.should_log:
+        logging.getLogger().setLevel(logging.WARNING)
+    if distill_args.distillation not in DISTILLATION_METHODS:
+        parser.error(f"--distillation must be one of {DISTILLATION_METHODS}, got {distill_args.distillation!r}")
+    set_seed(training_args.seed)
+    started = time.time()
+    output_dir = Path(training_args.output_dir)
+
+    processor, image_size = processor_for(model_args.teacher_model_name_or_path, data_args.image_size)
+    train_dataset, eval_dataset = load_datasets(data_args, image_size, training_args.seed)
+    collator = DetrCollator(processor, augment=data_args.augment)
+    eval_collator = DetrCollator(processor)
+    teacher = load_teacher(model_args.teacher_model_name_or_path)
+    logger.info(f"Teacher {model_args.teacher_model_name_or_path}: {teacher.num_parameters() / 1e6:.2f} M parameters")
+    student_init = model_args.model_name_or_path or model_args.teacher_model_name_or_path
+
+    # Reference numbers before training: the teacher, and the student converted + calibrated but not trained.
+    eval_args = QDetrTrainingArguments(
+        output_dir=str(output_dir / "_eval"),
+        per_device_eval_batch_size=training_args.per_device_eval_batch_size,
+        report_to="none",
+        disable_tqdm=training_args.disable_tqdm,
+        use_cpu=training_args.use_cpu,
+        bf16=training_args.bf16,
+    )
+    rows: dict[str, dict[str, float]] = {}
+    teacher_metrics = evaluate_model(teacher, eval_args, eval_dataset, eval_collator, processor)
+
+    final_stage = 2 if model_args.two_stage else None
+    if model_args.two_stage:
+        stage1_dir = output_dir / "_stage1"  # leading underscore: not uploaded by --push_to_hub
+        stage1_args = QDetrTrainingArguments(**{**training_args.to_dict(), "output_dir": str(stage1_dir)})
+        stage1_args.max_steps = max(1, math.ceil(training_args.max_steps * model_args.stage1_fraction))
+        training_args.max_steps = max(1, training_args.max_steps - stage1_args.max_steps)
+        stage1 = QDetrForObjectDetection.from_pretrained(student_init, **quantization_kwargs(model_args, stage=1))
+        logger.info(f"Stage 1: backbone-only quantization for {stage1_args.max_steps} steps")
+        stage1_trainer = train_student(
+            model_args, distill_args, stage1_args, stage1, teacher, train_dataset, eval_dataset, collator, processor
+        )
+        stage1_trainer.save_model(str(stage1_dir))
+        student_init = str(stage1_dir)
+        logger.info(f"Stage 2: full quantization for {training_args.max_steps} steps")
+
+    student = QDetrForObjectDetection.from_pretrained(student_init, **quantization_kwargs(model_args, final_stage))
+    # Calibrate now (same batches on every process) to measure the untrained student; a resumed run then loads its
+    # checkpoint's quantizers over these.
+    calibration_loader = DataLoader(
+        train_dataset, batch_size=training_args.per_device_train_batch_size, collate_fn=eval_collator
+    )
+    calibrate(student, calibration_loader, max_batches=training_args.calibration_batches, only_uncalibrated=True)
+    untrained_metrics = evaluate_model(student, eval_args, eval_dataset, eval_collator, processor)
+
+    trainer = train_student(
+        model_args, distill_args, training_args, student, teacher, train_dataset, eval_dataset, collator, processor
+    )
+    student_metrics = evaluate_model(trainer.model, eval_args, eval_dataset, eval_collator, processor)
+
+    teacher_eff = efficiency_report(teacher, image_size)
+    student_eff = efficiency_report(trainer.model, image_size)
+    bits = trainer.model.config.bit_notation
+    method = {"drd": "Q-DETR (DA + DRD)", "none": "QAT without distillation"}[distill_args.distillation]
+    if distill_args.distillation == "drd" and model_args.distribution_alignment == "none":
+        method = "DRD distillation without DA"
+    student_row = f"student {bits}, {distill_args.distillation}"
+    for name, metrics, eff in [
+        ("teacher (fp32)", teacher_metrics, teacher_eff),
+        (f"student {bits}, untrained", untrained_metrics, student_eff),
+        (student_row, student_metrics, student_eff),
+    ]:
+        rows[name] = {**metrics, "size_mb": eff.size_mb, "ops_g": eff.ops_g, "speedup": eff.speedup}
+
+    table = format_table(rows)
+    wall_time = time.time() - started
+    results = {
+        "teacher": model_args.teacher_model_name_or_path,
+        "dataset": data_args.dataset_name,
+        "image_size": image_size,
+        "bits": bits,
+        "method": method,
+        "rows": rows,
+        "efficiency": {"teacher": teacher_eff.to_dict(), "student": student_eff.to_dict()},
+        "wall_time_s": wall_time,
+        "processes": training_args.world_size,
+        "args": {"model": asdict(model_args), "distillation": asdict(distill_args), "data": asdict(data_args)},
+    }
+    if trainer.is_world_process_zero():
+        print("\n" + table + "\n", flush=True)
+        trainer.save_model(str(output_dir))
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        png = visualize(
+            trainer.model,
+            eval_dataset,
+            eval_collator,
+            output_dir / "detections.png",
+            data_args.num_visualized,
+            data_args.visualization_threshold,
+        )
+        logger.info(f"Student detections drawn in {png}")
+    trainer.model_card_data = ModelCardData(
+        model_name=(training_args.hub_model_id or output_dir.name).split("/")[-1],
+        teacher=model_args.teacher_model_name_or_path,
+        dataset=data_args.dataset_name,
+        bits=bits,
+        method=method,
+        metrics={k: {m: v for m, v in row.items() if m.startswith("AP")} for k, row in rows.items()},
+        efficiency={"teacher (fp32)": rows["teacher (fp32)"], f"student {bits}": rows[student_row]},
+        training={
+            "steps": trainer.state.global_step,
+            "batch size (per device)": training_args.per_device_train_batch_size,
+            "processes": training_args.world_size,
+            "learning rate": training_args.learning_rate,
+            "two-stage schedule": model_args.two_stage,
+            "distillation": distill_args.distillation,
+            "wall time (min)": f"{wall_time / 60:.1f}",
+            "device": str(training_args.device),
+        },
+        image_size=image_size,
+        eval_split=data_args.eval_split,
+        num_eval_images=len(eval_dataset),
+        repo_id=training_args.hub_model_id,
+    )
+    trainer.create_model_card()
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"Q-DETR {bits} student ({method})")
+    return results
+
+
+if __name__ == "__main__":
+    main()

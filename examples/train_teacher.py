@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Train a real-valued DETR teacher on any supported dataset (synthetic shapes, COCO JSON, Pascal VOC, Hub datasets).
+
+The small teacher shipped in ``examples/teacher-synthetic`` was trained with (about 50 minutes on 2 CPU cores):
+
+    python examples/train_teacher.py --output_dir examples/teacher-synthetic --max_steps 12000
+
+Fine-tune a Hub DETR on your data instead of training from scratch (the label space is replaced):
+
+    accelerate launch examples/train_teacher.py --model_name_or_path facebook/detr-resnet-101 \\
+        --dataset_name ../shared/data/bccd --image_size 512 --output_dir runs/teacher-bccd --max_steps 20000
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DetrConfig, DetrForObjectDetection, HfArgumentParser, set_seed
+from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d, replace_batch_norm
+from transformers.trainer_utils import get_last_checkpoint
+
+from qdetr_hf.data import DetrCollator, default_image_processor, load_detection_dataset
+from qdetr_hf.metrics import make_compute_metrics
+from qdetr_hf.trainer import QDetrDistillationTrainer, QDetrTrainingArguments
+
+logger = logging.getLogger("train_teacher")
+
+
+@dataclass
+class TeacherModelArguments:
+    """Which DETR to train: an existing checkpoint, or a new one built from the architecture fields below."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start from this DETR (Hub id or folder). None: build from the fields below."}
+    )
+    backbone: str = field(default="test_resnet", metadata={"help": "timm backbone name (randomly initialised)."})
+    backbone_out_indices: list[int] = field(
+        default_factory=lambda: [1, 2, 3], metadata={"help": "timm feature stages; the last one feeds DETR."}
+    )
+    d_model: int = 128
+    encoder_layers: int = 2
+    decoder_layers: int = 3
+    attention_heads: int = 8
+    ffn_dim: int = 512
+    num_queries: int = 20
+    dropout: float = 0.0
+    auxiliary_loss: bool = field(default=True, metadata={"help": "DETR's auxiliary decoding losses."})
+
+
+@dataclass
+class DataArguments:
+    """Dataset selection (see qdetr_hf.data.load_detection_dataset)."""
+
+    dataset_name: str = field(
+        default="synthetic", metadata={"help": "'synthetic', a COCO/VOC/save_to_disk folder, or a Hub dataset name."}
+    )
+    dataset_format: str = field(default="auto", metadata={"help": "auto, synthetic, coco, voc or hub."})
+    train_split: str = "train"
+    eval_split: str = "validation"
+    image_size: int = field(default=128, metadata={"help": "Longest side of the network input."})
+    num_train_images: int = field(default=4000, metadata={"help": "Synthetic data only."})
+    num_eval_images: int = field(default=200, metadata={"help": "Synthetic data only."})
+    augment: bool = field(default=True, metadata={"help": "Random horizontal flips."})
+
+
+def build_model(model_args: TeacherModelArguments, id2label: dict[int, str]) -> DetrForObjectDetection:
+    label2id = {v: k for k, v in id2label.items()}
+    if model_args.model_name_or_path:
+        return DetrForObjectDetection.from_pretrained(
+            model_args.model_name_or_path,
+            id2label=id2label,
+            label2id=label2id,
+            ignore_mismatched_sizes=True,
+            auxiliary_loss=model_args.auxiliary_loss,
+        )
+    config = DetrConfig(
+        backbone_config={
+            "model_type": "timm_backbone",
+            "backbone": model_args.backbone,
+            "features_only": True,
+            "use_pretrained_backbone": False,
+            "out_indices": model_args.backbone_out_indices,
+        },
+        d_model=model_args.d_model,
+        encoder_layers=model_args.encoder_layers,
+        decoder_layers=model_args.decoder_layers,
+        encoder_attention_heads=model_args.attention_heads,
+        decoder_attention_heads=model_args.attention_heads,
+        encoder_ffn_dim=model_args.ffn_dim,
+        decoder_ffn_dim=model_args.ffn_dim,
+        num_queries=model_args.num_queries,
+        dropout=model_args.dropout,
+        auxiliary_loss=model_args.auxiliary_loss,
+        id2label=id2label,
+        label2id=label2id,
+    )
+    return DetrForObjectDetection(config)
+
+
+def use_trainable_batch_norm(model: DetrForObjectDetection) -> int:
+    """Give a randomly initialised backbone trainable BatchNorm for training from scratch; returns how many.
+
+    DETR replaces the backbone's BatchNorm by *frozen* BatchNorm, right for a pretrained backbone but not for a
+    random one: timm zero-initialises the last BN scale of every residual block, so frozen, every residual branch
+    would output zero forever. Call :func:`freeze_batch_norm` before saving to get DETR's layout back.
+    """
+    backbone = model.model.backbone.model
+    count = 0
+    for name, module in list(backbone.named_modules()):
+        if isinstance(module, DetrFrozenBatchNorm2d):
+            bn = nn.BatchNorm2d(module.weight.numel())
+            with torch.no_grad():
+                bn.weight.copy_(module.weight)
+                bn.bias.copy_(module.bias)
+            parent, _, attr = name.rpartition(".")
+            setattr(backbone.get_submodule(parent) if parent else backbone, attr, bn)
+            count += 1
+    return count
+
+
+def freeze_batch_norm(model: DetrForObjectDetection) -> None:
+    """Fold the learned BatchNorm statistics back into DETR's frozen BatchNorm (same checkpoint keys)."""
+    with torch.no_grad():
+        replace_batch_norm(model.model.backbone.model)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = HfArgumentParser((TeacherModelArguments, DataArguments, QDetrTrainingArguments))
+    defaults = ["--output_dir", "runs/teacher", "--per_device_train_batch_size", "16", "--learning_rate", "2e-4"]
+    defaults += ["--max_steps", "12000", "--lr_scheduler_type", "cosine", "--warmup_steps", "200"]
+    defaults += ["--eval_strategy", "steps", "--eval_steps", "2000", "--save_steps", "2000", "--logging_steps", "100"]
+    defaults += ["--save_total_limit", "2", "--per_device_eval_batch_size", "32", "--report_to", "none"]
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(defaults + (argv or sys.argv[1:]))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(training_args.seed)
+
+    synthetic_kwargs = {}
+    if data_args.dataset_name == "synthetic":
+        synthetic_kwargs = {"image_size": data_args.image_size, "seed": training_args.seed}
+    train_dataset = load_detection_dataset(
+        data_args.dataset_name,
+        data_args.train_split,
+        data_args.dataset_format,
+        **({"num_images": data_args.num_train_images} | synthetic_kwargs if synthetic_kwargs else {}),
+    )
+    eval_dataset = load_detection_dataset(
+        data_args.dataset_name,
+        data_args.eval_split,
+        data_args.dataset_format,
+        **({"num_images": data_args.num_eval_images} | synthetic_kwargs if synthetic_kwargs else {}),
+    )
+    model = build_model(model_args, train_dataset.id2label)
+    if not model_args.model_name_or_path:
+        logger.info(f"Training from scratch with {use_trainable_batch_norm(model)} trainable BatchNorm layers")
+    processor = default_image_processor(data_args.image_size)
+    logger.info(f"Teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+
+    trainer = QDetrDistillationTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=DetrCollator(processor, augment=data_args.augment),
+        processing_class=processor,
+        compute_metrics=make_compute_metrics(id2label=model.config.id2label, area_ranges=eval_dataset.area_ranges),
+    )
+    checkpoint = None
+    if Path(training_args.output_dir).is_dir():
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    freeze_batch_norm(model)
+    metrics = trainer.evaluate()
+    trainer.save_model(training_args.output_dir)
+    with open(Path(training_args.output_dir) / "eval_results.json", "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    logger.info("Teacher evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "AP" in k))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The example scripts end to end on tiny configurations: the main job, two processes, two stages, the teacher."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from huggingface_hub import ModelCard
+from transformers import AutoImageProcessor, DetrForObjectDetection
+
+from qdetr_hf import QDetrForObjectDetection
+from qdetr_hf.trainer import files_to_push
+
+TINY_RUN = [
+    "--max_steps", "2",
+    "--save_steps", "2",
+    "--num_train_images", "16",
+    "--num_eval_images", "4",
+    "--per_device_train_batch_size", "2",
+    "--per_device_eval_batch_size", "2",
+    "--calibration_batches", "1",
+    "--num_visualized", "2",
+    "--logging_steps", "1",
+    "--disable_tqdm", "true",
+    "--use_cpu", "true",
+]  # fmt: skip
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def distill():
+    return _load_example("distill")
+
+
+@pytest.mark.slow
+def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir, distill, capsys):
+    output_dir = tmp_path / "student"
+    results = distill.main(
+        ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(output_dir), *TINY_RUN]
+    )
+    printed = capsys.readouterr().out
+    assert "teacher (fp32)" in printed and "student 4-4-8, drd" in printed and "speed-up" in printed
+    assert set(results["rows"]) == {"teacher (fp32)", "student 4-4-8, untrained", "student 4-4-8, drd"}
+    for row in results["rows"].values():
+        assert {"AP", "AP50", "AP75", "size_mb", "speedup"} <= set(row)
+    assert results["rows"]["student 4-4-8, drd"]["speedup"] > 3
+    assert (output_dir / "checkpoint-2").is_dir()
+    assert (output_dir / "detections.png").stat().st_size > 0
+
+    # The folder push_to_hub would upload: model, code for trust_remote_code, processor, card, results.
+    pushed = files_to_push(output_dir)
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "modeling_qdetr.py",
+        "configuration_qdetr.py",
+        "quantization.py",
+        "results.json",
+        "detections.png",
+    ):
+        assert name in pushed, name
+    assert not any(p.startswith(("checkpoint-", "_")) for p in pushed)
+
+    # The card states measured numbers (never placeholders) and valid Hub metadata.
+    card = ModelCard((output_dir / "README.md").read_text())
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "object-detection"
+    text = card.text
+    assert "$" not in text.split("```python")[0]
+    student_ap = results["rows"]["student 4-4-8, drd"]["AP"]
+    assert f"| student 4-4-8, drd | {100 * student_ap:.1f} |" in text
+    assert str(tiny_teacher_dir) in text and "4-4-8" in text and "Q-DETR (DA + DRD)" in text
+
+    # What would be uploaded is enough to load the model and run it.
+    upload = tmp_path / "upload"
+    for name in pushed:
+        (upload / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(output_dir / name, upload / name)
+    model = QDetrForObjectDetection.from_pretrained(upload).eval()
+    assert model.is_calibrated and model.config.weight_bits == 4
+    processor = AutoImageProcessor.from_pretrained(upload)
+    with torch.no_grad():
+        out = model(**processor(images=[torch.zeros(3, 64, 64)], return_tensors="pt", do_rescale=False))
+    assert out.logits.shape == (1, 8, 4)
+    assert json.loads((upload / "results.json").read_text())["bits"] == "4-4-8"
+
+
+def test_bad_method_is_rejected(tiny_teacher_dir, distill, tmp_path):
+    with pytest.raises(SystemExit):
+        distill.main(
+            [
+                "--teacher_model_name_or_path",
+                str(tiny_teacher_dir),
+                "--output_dir",
+                str(tmp_path),
+                "--distillation",
+                "x",
+            ]
+        )
+
+
+@pytest.mark.slow
+def test_two_stage_schedule(tmp_path, tiny_teacher_dir, distill):
+    output_dir = tmp_path / "two-stage"
+    args = ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(output_dir), *TINY_RUN]
+    distill.main([*args, "--two_stage", "true", "--max_steps", "4"])
+    stage1 = QDetrForObjectDetection.from_pretrained(output_dir / "_stage1")
+    assert stage1.config.quantize_backbone and not stage1.config.quantize_encoder and not stage1.config.quantize_decoder
+    final = QDetrForObjectDetection.from_pretrained(output_dir)
+    assert final.config.quantize_encoder and final.config.quantize_decoder and final.is_calibrated
+    # Stage 2 started from stage 1: the backbone quantizer steps were trained in stage 1 and carried over.
+    key = "model.backbone.model.layer2.0.conv1.input_quantizer.raw_step"
+    assert stage1.state_dict()[key].item() != 1.0
+
+
+@pytest.mark.slow
+def test_two_process_cpu_launch(tmp_path, tiny_teacher_dir):
+    output_dir = tmp_path / "ddp"
+    # accelerate 1.15 runs `--cpu` jobs in one process; this config starts two torchrun processes and the script's
+    # --use_cpu true (in TINY_RUN) puts them on the CPU with the gloo backend.
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO_ROOT / "examples" / "accelerate_configs" / "two_cpu_processes.yaml"),
+        str(REPO_ROOT / "examples" / "distill.py"),
+        "--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(output_dir), *TINY_RUN,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count("teacher (fp32)") == 1  # the table is printed once, by rank 0
+    assert json.loads((output_dir / "results.json").read_text())["processes"] == 2
+    checkpoints = sorted(p.name for p in output_dir.iterdir() if p.name.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-2"]
+    state = json.loads((output_dir / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert sorted(p.name for p in (output_dir / "checkpoint-2").glob("rng_state_*.pth")) == [
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    ]
+    model = QDetrForObjectDetection.from_pretrained(output_dir)
+    assert model.is_calibrated
+
+
+@pytest.mark.slow
+def test_train_teacher_from_scratch_saves_a_detr_with_frozen_batch_norm(tmp_path):
+    train_teacher = _load_example("train_teacher")
+    output_dir = tmp_path / "teacher"
+    args = ["--output_dir", str(output_dir), "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2"]
+    args += ["--num_train_images", "8", "--num_eval_images", "4", "--image_size", "64", "--d_model", "32"]
+    args += ["--encoder_layers", "1", "--decoder_layers", "1", "--ffn_dim", "64", "--num_queries", "5"]
+    args += ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--use_cpu", "true"]
+    metrics = train_teacher.main(args)
+    assert "eval_AP" in metrics
+    teacher = DetrForObjectDetection.from_pretrained(output_dir)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    # Trainable BatchNorm really trained: its statistics moved away from the (0, 1) init and were kept.
+    running_var = teacher.model.backbone.model.layer1[0].bn1.running_var
+    assert not torch.allclose(running_var, torch.ones_like(running_var))
+    assert teacher.config.id2label == {0: "circle", 1: "square", 2: "triangle"}
