@@ -206,7 +206,10 @@ class QDetrDistillationTrainer(Trainer):
             pixel_mask=inputs.get("pixel_mask"),
             decoder_inputs=teacher_decoder if wants_decoder else None,
         )
-        terms = distiller(student, teacher_view, inputs["labels"])
+        # The distiller runs under the same mixed precision as the forward passes whose tensors it reuses (extra
+        # decoder passes on a bf16 encoder memory, for instance).
+        with self.accelerator.autocast():
+            terms = distiller(student, teacher_view, inputs["labels"])
         loss = outputs.loss
         for name, value in terms.items():
             if name.startswith("loss_"):
@@ -288,12 +291,43 @@ class QDetrDistillationTrainer(Trainer):
                 param.grad = self.accelerator.reduce(param.grad, reduction="mean")
         return loss
 
+    def _load_best_model(self) -> None:
+        checkpoint = self.state.best_model_checkpoint
+        if isinstance(self.accelerator.unwrap_model(self.model), PreTrainedModel) and os.path.isfile(
+            os.path.join(checkpoint, "config.json")
+        ):
+            logger.info(f"Loading best model from {checkpoint} (score: {self.state.best_metric}).")
+            self._load_model_weights(checkpoint)
+        else:
+            super()._load_best_model()
+
     def _save_distiller(self, output_dir: str) -> None:
         if self._distiller_parameters() and self.args.should_save:
             torch.save(self.distiller.state_dict(), os.path.join(output_dir, DISTILLER_STATE_NAME))
 
+    def _load_model_weights(self, checkpoint: str, model: nn.Module | None = None) -> None:
+        """Load a checkpoint's weights into the model with `from_pretrained`'s key conversion, strictly.
+
+        `save_pretrained` writes DETR's legacy key names (``backbone.conv_encoder``, ``out_proj``, ``fc1``); the
+        stock `Trainer` resume path loads the raw file non-strictly, which silently restores nothing for DETR models.
+        """
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        reference = type(target).from_pretrained(checkpoint)
+        result = target.load_state_dict(reference.state_dict(), strict=False)
+        # Trainable BatchNorm (from-scratch teachers) counts batches; DETR's frozen BatchNorm has no such buffer.
+        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"Checkpoint {checkpoint} does not match the model: missing {missing[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]}."
+            )
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if isinstance(target, PreTrainedModel) and os.path.isfile(os.path.join(resume_from_checkpoint, "config.json")):
+            self._load_model_weights(resume_from_checkpoint, model)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, DISTILLER_STATE_NAME)
         if self.distiller is not None and os.path.isfile(path):
             self.distiller.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
