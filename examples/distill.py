@@ -31,7 +31,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from qdetr_hf import QDetrForObjectDetection, calibrate
 from qdetr_hf.data import DetrCollator, default_image_processor, load_detection_dataset
-from qdetr_hf.distillers import Distiller, DRDDistiller
+from qdetr_hf.distillers import Distiller, DRDDistiller, IDaDetDistiller, KDDETRDistiller, QSKDDistiller
 from qdetr_hf.efficiency import efficiency_report
 from qdetr_hf.metrics import make_compute_metrics, post_process_detections
 from qdetr_hf.model_card import ModelCardData
@@ -42,7 +42,14 @@ logger = logging.getLogger("distill")
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 DEFAULT_TEACHER = str(EXAMPLES_DIR / "teacher-synthetic")
-DISTILLATION_METHODS = ("drd", "none")
+DISTILLATION_METHODS = ("drd", "qskd", "kd_detr", "ida", "none")
+METHOD_NAMES = {
+    "drd": "Q-DETR (DA + DRD)",
+    "qskd": "QSKD (group query selection, attention-guided features, local prediction alignment)",
+    "kd_detr": "KD-DETR (specific + general distillation points)",
+    "ida": "IDa-Det adapted to DETR (discrepancy-ranked query pairs, entropy loss)",
+    "none": "QAT without distillation",
+}
 
 
 @dataclass
@@ -84,6 +91,24 @@ class DistillationArguments:
     drd_layers: list[int] = field(
         default_factory=lambda: [-1], metadata={"help": "Decoder layers distilled (project choice: last)."}
     )
+    qskd_tau: float = field(default=0.5, metadata={"help": "QSKD hard-negative GIoU threshold (project choice)."})
+    qskd_top_k: int | None = field(default=None, metadata={"help": "QSKD hard negatives kept per ground truth."})
+    qskd_feature_weight: float = field(default=1.0, metadata={"help": "QSKD attention-guided feature weight."})
+    qskd_logits_weight: float = field(default=1.0, metadata={"help": "QSKD local logits weight (DETR's 1)."})
+    qskd_boxes_weight: float = field(default=5.0, metadata={"help": "QSKD local L1 weight (DETR's 5)."})
+    qskd_giou_weight: float = field(default=2.0, metadata={"help": "QSKD local GIoU weight (DETR's 2)."})
+    kd_specific: bool = field(default=True, metadata={"help": "KD-DETR specific sampling (teacher's queries)."})
+    kd_general: bool = field(default=True, metadata={"help": "KD-DETR general sampling (random queries)."})
+    kd_temperature: float = field(default=10.0, metadata={"help": "KD-DETR KL temperature (paper: 10)."})
+    kd_weighting: str = field(
+        default="softmax", metadata={"help": "KD-DETR foreground weights: softmax, sigmoid, none."}
+    )
+    kd_num_general_queries: int | None = field(
+        default=None, metadata={"help": "KD-DETR random queries per step (default: the teacher's query count)."}
+    )
+    ida_gamma: float = field(default=0.6, metadata={"help": "IDa-Det kept fraction of query pairs (code: 0.6)."})
+    ida_weight: float = field(default=0.5, metadata={"help": "IDa-Det loss weight (code: 0.5)."})
+    ida_pairing: str = field(default="fqm", metadata={"help": "IDa-Det query pairs: fqm or hungarian."})
 
 
 @dataclass
@@ -123,8 +148,10 @@ MAIN_JOB_DEFAULTS = [
 ]  # fmt: skip
 
 
-def build_distiller(args: DistillationArguments) -> Distiller | None:
-    """The distiller selected by ``--distillation``."""
+def build_distiller(
+    args: DistillationArguments, student_dim: int | None = None, teacher_dim: int | None = None
+) -> Distiller | None:
+    """The distiller selected by ``--distillation`` (``student_dim``/``teacher_dim``: d_model of the two models)."""
     if args.distillation == "none":
         return None
     if args.distillation == "drd":
@@ -134,6 +161,34 @@ def build_distiller(args: DistillationArguments) -> Distiller | None:
             match_giou_weight=args.drd_match_giou_weight,
             match_l1_weight=args.drd_match_l1_weight,
             layers=tuple(args.drd_layers),
+        )
+    if args.distillation == "qskd":
+        return QSKDDistiller(
+            tau=args.qskd_tau,
+            top_k=args.qskd_top_k,
+            feature_weight=args.qskd_feature_weight,
+            logits_weight=args.qskd_logits_weight,
+            boxes_weight=args.qskd_boxes_weight,
+            giou_weight=args.qskd_giou_weight,
+            student_dim=student_dim,
+            teacher_dim=teacher_dim,
+        )
+    if args.distillation == "kd_detr":
+        return KDDETRDistiller(
+            specific=args.kd_specific,
+            general=args.kd_general,
+            temperature=args.kd_temperature,
+            weighting=args.kd_weighting,
+            num_general_queries=args.kd_num_general_queries,
+        )
+    if args.distillation == "ida":
+        return IDaDetDistiller(
+            gamma=args.ida_gamma,
+            weight=args.ida_weight,
+            pairing=args.ida_pairing,
+            tau=args.drd_tau,
+            match_giou_weight=args.drd_match_giou_weight,
+            match_l1_weight=args.drd_match_l1_weight,
         )
     raise ValueError(f"--distillation must be one of {DISTILLATION_METHODS}, got {args.distillation!r}.")
 
@@ -237,7 +292,7 @@ def train_student(
         model=student,
         args=training_args,
         teacher_model=teacher,
-        distiller=build_distiller(distill_args),
+        distiller=build_distiller(distill_args, student.config.d_model, teacher.config.d_model),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
@@ -317,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher_eff = efficiency_report(teacher, image_size)
     student_eff = efficiency_report(trainer.model, image_size)
     bits = trainer.model.config.bit_notation
-    method = {"drd": "Q-DETR (DA + DRD)", "none": "QAT without distillation"}[distill_args.distillation]
+    method = METHOD_NAMES[distill_args.distillation]
     if distill_args.distillation == "drd" and model_args.distribution_alignment == "none":
         method = "DRD distillation without DA"
     student_row = f"student {bits}, {distill_args.distillation}"

@@ -100,6 +100,17 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
     assert json.loads((upload / "results.json").read_text())["bits"] == "4-4-8"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["qskd", "kd_detr", "ida", "none"])
+def test_every_distillation_method_runs_from_the_command_line(tmp_path, tiny_teacher_dir, distill, method):
+    output_dir = tmp_path / method
+    args = ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(output_dir), *TINY_RUN]
+    results = distill.main([*args, "--distillation", method, "--num_visualized", "1"])
+    assert f"student 4-4-8, {method}" in results["rows"]
+    assert results["method"] == distill.METHOD_NAMES[method]
+    assert QDetrForObjectDetection.from_pretrained(output_dir).is_calibrated
+
+
 def test_bad_method_is_rejected(tiny_teacher_dir, distill, tmp_path):
     with pytest.raises(SystemExit):
         distill.main(
@@ -172,3 +183,18 @@ def test_train_teacher_from_scratch_saves_a_detr_with_frozen_batch_norm(tmp_path
     running_var = teacher.model.backbone.model.layer1[0].bn1.running_var
     assert not torch.allclose(running_var, torch.ones_like(running_var))
     assert teacher.config.id2label == {0: "circle", 1: "square", 2: "triangle"}
+
+
+def test_dense_backbone_targets_label_the_smallest_covering_box():
+    train_teacher = _load_example("train_teacher")
+    labels = [
+        # A 0.5 x 0.5 box (class 0) at the top-left and a 0.2 x 0.2 box (class 2) inside it.
+        {"boxes": torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.3, 0.3, 0.2, 0.2]]), "class_labels": torch.tensor([0, 2])},
+        {"boxes": torch.zeros(0, 4), "class_labels": torch.zeros(0, dtype=torch.long)},  # no objects
+    ]
+    targets = train_teacher.dense_targets(labels, 4, 4, num_labels=3)
+    # Cell centres are at 0.125, 0.375, 0.625, 0.875: the big box covers the 2 x 2 top-left cells, the small box
+    # ([0.2, 0.4]^2) covers the centre (0.375, 0.375) only and wins there; 3 is background.
+    expected = torch.tensor([[0, 0, 3, 3], [0, 2, 3, 3], [3, 3, 3, 3], [3, 3, 3, 3]])
+    assert torch.equal(targets[0], expected)
+    assert torch.equal(targets[1], torch.full((4, 4), 3))
