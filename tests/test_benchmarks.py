@@ -1,0 +1,55 @@
+"""Smoke tests of the benchmark scripts' --quick modes (the committed results come from full runs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_accuracy_quick_mode_writes_rows_as_it_goes(tmp_path, tiny_teacher_dir):
+    accuracy = _load("accuracy")
+    args = ["--dataset", "synthetic", "--quick", "--teacher", str(tiny_teacher_dir)]
+    args += ["--output_dir", str(tmp_path / "results"), "--work_dir", str(tmp_path / "work")]
+    results = accuracy.main([*args, "--bits", "4-4-8", "--methods", "lsq", "qdetr"])
+    saved = json.loads((tmp_path / "results" / "synthetic.json").read_text())
+    assert {"dataset", "machine", "teacher", "rows"} <= set(saved)
+    assert [(r["bits"], r["method"]) for r in saved["rows"]] == [
+        ("32-32-32", "fp"),
+        ("4-4-8", "lsq"),
+        ("4-4-8", "qdetr"),
+    ]
+    for row in saved["rows"]:
+        assert {"bits", "method", "seed", "AP", "AP50", "AP75", "APs", "APm", "APl", "epochs", "wall_time_s"} <= set(
+            row
+        )
+    assert (tmp_path / "results" / "synthetic.md").read_text().count("\n| ") >= 4
+    assert (tmp_path / "results" / "synthetic.png").stat().st_size > 0
+    # A second call (e.g. after an interruption) skips finished rows and only runs new ones.
+    again = accuracy.main([*args, "--bits", "4-4-8", "--methods", "lsq", "qdetr", "baseline"])
+    assert [r["method"] for r in again["rows"]] == ["fp", "lsq", "qdetr", "baseline"]
+    assert again["rows"][:3] == results["rows"]
+
+
+@pytest.mark.slow
+def test_speed_quick_mode(tmp_path, tiny_teacher_dir):
+    speed = _load("speed")
+    results = speed.main(
+        ["--quick", "--teacher", str(tiny_teacher_dir), "--image_size", "64", "--output_dir", str(tmp_path)]
+    )
+    assert set(results["runs"]) == {"train_fp", "train_qat", "train_qat_drd", "infer_fp", "infer_qat"}
+    assert results["ratios"]["qat_drd_over_fp"] > 0
+    assert results["fake_quant"]["max_abs_difference"] < 1e-5
+    assert json.loads((tmp_path / "speed.json").read_text())["batch_size"] == 2
