@@ -30,7 +30,7 @@ from transformers import AutoImageProcessor, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from qdetr_hf import QDetrForObjectDetection, calibrate
-from qdetr_hf.data import DetrCollator, default_image_processor, load_detection_dataset
+from qdetr_hf.data import DatasetArguments, DetrCollator, default_image_processor
 from qdetr_hf.distillers import Distiller, DRDDistiller, IDaDetDistiller, KDDETRDistiller, QSKDDistiller
 from qdetr_hf.efficiency import efficiency_report
 from qdetr_hf.metrics import make_compute_metrics, post_process_detections
@@ -112,21 +112,12 @@ class DistillationArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(DatasetArguments):
     """Data (see qdetr_hf.data.load_detection_dataset) and outputs."""
 
-    dataset_name: str = field(
-        default="synthetic", metadata={"help": "'synthetic', a COCO/VOC/save_to_disk folder, or a Hub dataset."}
-    )
-    dataset_format: str = field(default="auto", metadata={"help": "auto, synthetic, coco, voc or hub."})
-    train_split: str = "train"
-    eval_split: str = "validation"
     image_size: int | None = field(
         default=None, metadata={"help": "Network input side; default: the teacher's image processor."}
     )
-    num_train_images: int = field(default=4000, metadata={"help": "Synthetic data only."})
-    num_eval_images: int = field(default=200, metadata={"help": "Synthetic data only."})
-    augment: bool = field(default=True, metadata={"help": "Random horizontal flips."})
     num_visualized: int = field(default=8, metadata={"help": "Validation images drawn in detections.png."})
     visualization_threshold: float = field(default=0.5, metadata={"help": "Score threshold of detections.png."})
 
@@ -206,25 +197,6 @@ def quantization_kwargs(args: ModelArguments, stage: int | None = None) -> dict[
     if stage is not None:
         kwargs.update(quantize_backbone=True, quantize_encoder=stage == 2, quantize_decoder=stage == 2)
     return kwargs
-
-
-def load_datasets(data_args: DataArguments, image_size: int, seed: int):
-    extra: dict[str, Any] = {}
-    if data_args.dataset_name == "synthetic":
-        extra = {"image_size": image_size, "seed": seed}
-    train = load_detection_dataset(
-        data_args.dataset_name,
-        data_args.train_split,
-        data_args.dataset_format,
-        **({"num_images": data_args.num_train_images, **extra} if extra else {}),
-    )
-    evaluation = load_detection_dataset(
-        data_args.dataset_name,
-        data_args.eval_split,
-        data_args.dataset_format,
-        **({"num_images": data_args.num_eval_images, **extra} if extra else {}),
-    )
-    return train, evaluation
 
 
 def processor_for(teacher_path: str, image_size: int | None):
@@ -321,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir = Path(training_args.output_dir)
 
     processor, image_size = processor_for(model_args.teacher_model_name_or_path, data_args.image_size)
-    train_dataset, eval_dataset = load_datasets(data_args, image_size, training_args.seed)
+    train_dataset, eval_dataset = data_args.load(image_size, training_args.seed)
     collator = DetrCollator(processor, augment=data_args.augment)
     eval_collator = DetrCollator(processor)
     teacher = load_teacher(model_args.teacher_model_name_or_path)

@@ -25,7 +25,7 @@ from transformers import DetrConfig, DetrForObjectDetection, HfArgumentParser, s
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d, replace_batch_norm
 from transformers.trainer_utils import get_last_checkpoint
 
-from qdetr_hf.data import DetrCollator, default_image_processor, load_detection_dataset
+from qdetr_hf.data import DatasetArguments, DetrCollator, default_image_processor
 from qdetr_hf.metrics import make_compute_metrics
 from qdetr_hf.trainer import QDetrDistillationTrainer, QDetrTrainingArguments
 
@@ -54,19 +54,10 @@ class TeacherModelArguments:
 
 
 @dataclass
-class DataArguments:
-    """Dataset selection (see qdetr_hf.data.load_detection_dataset)."""
+class DataArguments(DatasetArguments):
+    """Dataset selection (see qdetr_hf.data.load_detection_dataset) and the input size."""
 
-    dataset_name: str = field(
-        default="synthetic", metadata={"help": "'synthetic', a COCO/VOC/save_to_disk folder, or a Hub dataset name."}
-    )
-    dataset_format: str = field(default="auto", metadata={"help": "auto, synthetic, coco, voc or hub."})
-    train_split: str = "train"
-    eval_split: str = "validation"
     image_size: int = field(default=128, metadata={"help": "Longest side of the network input."})
-    num_train_images: int = field(default=4000, metadata={"help": "Synthetic data only."})
-    num_eval_images: int = field(default=200, metadata={"help": "Synthetic data only."})
-    augment: bool = field(default=True, metadata={"help": "Random horizontal flips."})
     backbone_pretraining_steps: int = field(
         default=0,
         metadata={
@@ -208,21 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
 
-    synthetic_kwargs = {}
-    if data_args.dataset_name == "synthetic":
-        synthetic_kwargs = {"image_size": data_args.image_size, "seed": training_args.seed}
-    train_dataset = load_detection_dataset(
-        data_args.dataset_name,
-        data_args.train_split,
-        data_args.dataset_format,
-        **({"num_images": data_args.num_train_images} | synthetic_kwargs if synthetic_kwargs else {}),
-    )
-    eval_dataset = load_detection_dataset(
-        data_args.dataset_name,
-        data_args.eval_split,
-        data_args.dataset_format,
-        **({"num_images": data_args.num_eval_images} | synthetic_kwargs if synthetic_kwargs else {}),
-    )
+    train_dataset, eval_dataset = data_args.load(data_args.image_size, training_args.seed)
     model = build_model(model_args, train_dataset.id2label)
     processor = default_image_processor(data_args.image_size)
     if not model_args.model_name_or_path:

@@ -58,6 +58,28 @@ def images() -> torch.Tensor:
 SHAPES = {0: "circle", 1: "square", 2: "triangle"}
 
 
+def tiny_training_args(output_dir, **overrides):
+    """QDetrTrainingArguments for short CPU test runs: log every step, no saving, no reports, seed 0."""
+    from qdetr_hf.trainer import QDetrTrainingArguments
+
+    kwargs = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "max_steps": 2,
+        "learning_rate": 1e-4,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "seed": 0,
+        "calibration_batches": 2,
+    }
+    kwargs.update(overrides)
+    return QDetrTrainingArguments(**kwargs)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory):
     """A tiny real-valued DETR teacher (synthetic-shapes label space, 64 px processor) saved to disk."""

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_training_args
 
 from qdetr_hf import QDetrForObjectDetection
 from qdetr_hf.box_ops import corners_to_center
@@ -20,7 +21,7 @@ from qdetr_hf.distillers.ida import (
     information_discrepancy,
     select_top_discrepancy,
 )
-from qdetr_hf.trainer import DISTILLER_STATE_NAME, QDetrDistillationTrainer, QDetrTrainingArguments, load_teacher
+from qdetr_hf.trainer import DISTILLER_STATE_NAME, QDetrDistillationTrainer, load_teacher
 
 
 def _cxcywh(xyxy: list[list[float]]) -> torch.Tensor:
@@ -385,24 +386,15 @@ def test_feature_width_mismatch_is_a_clear_error() -> None:
 def _trainer(tmp_path, teacher_dir, shapes, distiller, **overrides) -> QDetrDistillationTrainer:
     dataset, collator = shapes
     kwargs = {
-        "output_dir": str(tmp_path / "out"),
         "per_device_train_batch_size": 2,
-        "max_steps": 2,
         "learning_rate": 1e-3,
         "lr_scheduler_type": "constant",
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-        "seed": 0,
         "calibration_batches": 1,
+        **overrides,
     }
-    kwargs.update(overrides)
     return QDetrDistillationTrainer(
         model=QDetrForObjectDetection.from_pretrained(teacher_dir),
-        args=QDetrTrainingArguments(**kwargs),
+        args=tiny_training_args(tmp_path / "out", **kwargs),
         teacher_model=load_teacher(teacher_dir),
         distiller=distiller,
         train_dataset=dataset,

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import SHAPES, tiny_detr_kwargs
+from conftest import SHAPES, tiny_detr_kwargs, tiny_training_args
 from transformers import DetrConfig, DetrForObjectDetection
 
 from qdetr_hf.distillers.base import DetectorOutputs, capture_decoder_inputs, run_decoder
@@ -426,24 +426,17 @@ def test_teacher_scaled_general_queries(teacher, images) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 def test_short_training_run_lowers_the_kd_detr_loss(tmp_path, tiny_teacher_dir, tiny_shapes) -> None:
     from qdetr_hf import QDetrConfig, QDetrForObjectDetection
-    from qdetr_hf.trainer import QDetrDistillationTrainer, QDetrTrainingArguments, load_teacher
+    from qdetr_hf.trainer import QDetrDistillationTrainer, load_teacher
 
     torch.manual_seed(1)  # a student that starts far from the teacher
     student = QDetrForObjectDetection(QDetrConfig(**tiny_detr_kwargs(id2label=SHAPES)))
     dataset, collator = tiny_shapes
-    args = QDetrTrainingArguments(
-        output_dir=str(tmp_path / "out"),
+    args = tiny_training_args(
+        tmp_path / "out",
         per_device_train_batch_size=2,
         max_steps=30,
         learning_rate=1e-3,
         lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
         calibration_batches=1,
     )
     trainer = QDetrDistillationTrainer(

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_detr_kwargs
+from conftest import tiny_detr_kwargs, tiny_training_args
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from transformers import DetrConfig, DetrForObjectDetection
@@ -25,7 +25,7 @@ from qdetr_hf.distillers.qskd import (
     local_alignment_matching,
     local_alignment_prediction_loss,
 )
-from qdetr_hf.trainer import QDetrDistillationTrainer, QDetrTrainingArguments, load_teacher
+from qdetr_hf.trainer import QDetrDistillationTrainer, load_teacher
 
 QSKD_LOSSES = ("loss_qskd_feature", "loss_qskd_logits", "loss_qskd_boxes", "loss_qskd_giou")
 
@@ -630,20 +630,8 @@ def test_distiller_validates_its_arguments() -> None:
 @pytest.mark.slow
 def test_short_training_run_lowers_the_qskd_loss(tmp_path, tiny_teacher_dir, tiny_shapes) -> None:
     dataset, collator = tiny_shapes
-    args = QDetrTrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=30,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-        calibration_batches=2,
+    args = tiny_training_args(
+        tmp_path / "out", max_steps=30, learning_rate=1e-3, lr_scheduler_type="constant", calibration_batches=2
     )
     trainer = QDetrDistillationTrainer(
         model=QDetrForObjectDetection.from_pretrained(tiny_teacher_dir),

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import SHAPES, tiny_detr_kwargs
+from conftest import SHAPES, tiny_detr_kwargs, tiny_training_args
 from torch.utils.data import DataLoader, Dataset
 from transformers import DetrConfig, DetrForObjectDetection, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -19,22 +19,7 @@ from qdetr_hf.trainer import STAGING_DIR, QDetrDistillationTrainer, QDetrTrainin
 
 
 def make_args(tmp_path, **overrides) -> QDetrTrainingArguments:
-    kwargs = {
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 4,
-        "max_steps": 2,
-        "learning_rate": 1e-4,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-        "seed": 0,
-        "calibration_batches": 2,
-    }
-    kwargs.update(overrides)
-    return QDetrTrainingArguments(**kwargs)
+    return tiny_training_args(tmp_path / "out", **overrides)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import shutil
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
@@ -1426,6 +1426,31 @@ def load_detection_dataset(
 # ----------------------------------------------------------------------------------------------------------------------
 # Collator
 # ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class DatasetArguments:
+    """Dataset selection for ``HfArgumentParser`` scripts (see :func:`load_detection_dataset`)."""
+
+    dataset_name: str = field(
+        default="synthetic", metadata={"help": "'synthetic', a COCO/VOC/save_to_disk folder, or a Hub dataset name."}
+    )
+    dataset_format: str = field(default="auto", metadata={"help": "auto, synthetic, coco, voc or hub."})
+    train_split: str = "train"
+    eval_split: str = "validation"
+    num_train_images: int = field(default=4000, metadata={"help": "Synthetic data only."})
+    num_eval_images: int = field(default=200, metadata={"help": "Synthetic data only."})
+    augment: bool = field(default=True, metadata={"help": "Random horizontal flips of training images."})
+
+    def load(self, image_size: int, seed: int = 0) -> tuple[DetectionDataset, DetectionDataset]:
+        """The training and evaluation datasets (synthetic images are generated at ``image_size`` from ``seed``)."""
+        splits = []
+        for split, num_images in ((self.train_split, self.num_train_images), (self.eval_split, self.num_eval_images)):
+            kwargs: dict[str, Any] = {}
+            if self.dataset_name == "synthetic":
+                kwargs = {"num_images": num_images, "image_size": image_size, "seed": seed}
+            splits.append(load_detection_dataset(self.dataset_name, split, self.dataset_format, **kwargs))
+        return splits[0], splits[1]
+
+
 def default_image_processor(image_size: int | tuple[int, int]) -> DetrImageProcessor:
     """Build a ``DetrImageProcessor`` for a given input size, with ImageNet normalisation and padding.
 

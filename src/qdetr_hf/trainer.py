@@ -186,25 +186,9 @@ class QDetrDistillationTrainer(Trainer):
             capture_decoder_inputs(teacher, wants_decoder) as teacher_decoder,
         ):
             teacher_outputs = self.teacher(**images, **extra)
-        student = DetectorOutputs(
-            logits=outputs.logits,
-            pred_boxes=outputs.pred_boxes,
-            outputs=outputs,
-            co_attended=student_features,
-            model=student_model,
-            pixel_values=inputs.get("pixel_values"),
-            pixel_mask=inputs.get("pixel_mask"),
-            decoder_inputs=student_decoder if wants_decoder else None,
-        )
-        teacher_view = DetectorOutputs(
-            logits=teacher_outputs.logits,
-            pred_boxes=teacher_outputs.pred_boxes,
-            outputs=teacher_outputs,
-            co_attended=teacher_features,
-            model=teacher,
-            pixel_values=inputs.get("pixel_values"),
-            pixel_mask=inputs.get("pixel_mask"),
-            decoder_inputs=teacher_decoder if wants_decoder else None,
+        student = _detector_view(outputs, student_features, student_model, student_decoder, inputs, wants_decoder)
+        teacher_view = _detector_view(
+            teacher_outputs, teacher_features, teacher, teacher_decoder, inputs, wants_decoder
         )
         # The distiller runs under the same mixed precision as the forward passes whose tensors it reuses (extra
         # decoder passes on a bf16 encoder memory, for instance).
@@ -424,6 +408,26 @@ def files_to_push(output_dir: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"Output folder not found: {output_dir}")
     files = [path.relative_to(folder).as_posix() for path in sorted(folder.glob("**/*")) if path.is_file()]
     return list(filter_repo_objects(files, ignore_patterns=PUSH_IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS))
+
+
+def _detector_view(
+    outputs: Any,
+    co_attended: dict[int, torch.Tensor],
+    model: nn.Module,
+    decoder_inputs: dict[str, Any],
+    inputs: dict[str, Any],
+    with_decoder_inputs: bool,
+) -> DetectorOutputs:
+    return DetectorOutputs(
+        logits=outputs.logits,
+        pred_boxes=outputs.pred_boxes,
+        outputs=outputs,
+        co_attended=co_attended,
+        model=model,
+        pixel_values=inputs.get("pixel_values"),
+        pixel_mask=inputs.get("pixel_mask"),
+        decoder_inputs=decoder_inputs if with_decoder_inputs else None,
+    )
 
 
 def _fix_detection_arguments(args: TrainingArguments) -> None:

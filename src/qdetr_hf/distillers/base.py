@@ -136,6 +136,36 @@ def capture_co_attended_features(model: nn.Module, layers: Sequence[int]) -> Ite
             handle.remove()
 
 
+def stacked_co_attended_features(
+    student: DetectorOutputs, teacher: DetectorOutputs, method: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The captured co-attended features of both models as ``(L, B, Qs, d)`` and ``(L, B, Qt, d)`` tensors.
+
+    Raises:
+        ValueError: If the two models captured different numbers of layers (or none), or their widths or batch sizes
+            differ (the features are compared one to one).
+    """
+    student_layers = sorted(student.co_attended)
+    teacher_layers = sorted(teacher.co_attended)
+    if len(student_layers) != len(teacher_layers) or not student_layers:
+        raise ValueError(
+            f"{method} needs the co-attended features of the same number of decoder layers for both models; captured "
+            f"student layers {student_layers}, teacher layers {teacher_layers}."
+        )
+    student_features = torch.stack([student.co_attended[i] for i in student_layers])
+    teacher_features = torch.stack([teacher.co_attended[i] for i in teacher_layers])
+    if student_features.shape[-1] != teacher_features.shape[-1]:
+        raise ValueError(
+            f"{method} compares co-attended features, so teacher and student need the same d_model; got teacher "
+            f"{teacher_features.shape[-1]} and student {student_features.shape[-1]}."
+        )
+    if student_features.shape[1] != teacher_features.shape[1]:
+        raise ValueError(
+            f"batch sizes differ: student {student_features.shape[1]}, teacher {teacher_features.shape[1]}"
+        )
+    return student_features, teacher_features
+
+
 @contextmanager
 def capture_decoder_inputs(model: nn.Module, enabled: bool = True) -> Iterator[dict[str, Any]]:
     """Capture the keyword arguments of ``model.model.decoder``'s forward call inside the block (if ``enabled``)."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from qdetr_hf.box_ops import center_to_corners, pad_targets, pairwise_generalized_box_iou
-from qdetr_hf.distillers.base import DetectorOutputs, Distiller
+from qdetr_hf.distillers.base import DetectorOutputs, Distiller, stacked_co_attended_features
 
 __all__ = [
     "DEFAULT_DRD_WEIGHT",
@@ -338,20 +338,7 @@ class DRDDistiller(Distiller):
     def forward(
         self, student: DetectorOutputs, teacher: DetectorOutputs, labels: Sequence[Mapping[str, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
-        student_layers = sorted(student.co_attended)
-        teacher_layers = sorted(teacher.co_attended)
-        if len(student_layers) != len(teacher_layers) or not student_layers:
-            raise ValueError(
-                f"DRD needs the co-attended features of the same number of decoder layers for both models; captured "
-                f"student layers {student_layers}, teacher layers {teacher_layers}."
-            )
-        student_features = torch.stack([student.co_attended[i] for i in student_layers])
-        teacher_features = torch.stack([teacher.co_attended[i] for i in teacher_layers])
-        if student_features.shape[-1] != teacher_features.shape[-1]:
-            raise ValueError(
-                f"DRD compares co-attended features, so teacher and student need the same d_model; got teacher "
-                f"{teacher_features.shape[-1]} and student {student_features.shape[-1]}."
-            )
+        student_features, teacher_features = stacked_co_attended_features(student, teacher, "DRD")
         terms = compute_drd(
             student.pred_boxes,
             teacher.pred_boxes.detach(),

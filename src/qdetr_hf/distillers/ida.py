@@ -11,7 +11,7 @@ from torch import nn
 from transformers.loss.loss_for_object_detection import HungarianMatcher
 
 from qdetr_hf.box_ops import pad_targets
-from qdetr_hf.distillers.base import DetectorOutputs, Distiller
+from qdetr_hf.distillers.base import DetectorOutputs, Distiller, stacked_co_attended_features
 from qdetr_hf.distillers.drd import foreground_aware_query_matching
 
 __all__ = [
@@ -490,24 +490,8 @@ class IDaDetDistiller(Distiller):
     def forward(
         self, student: DetectorOutputs, teacher: DetectorOutputs, labels: Sequence[Mapping[str, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
-        student_layers = sorted(student.co_attended)
-        teacher_layers = sorted(teacher.co_attended)
-        if len(student_layers) != len(teacher_layers) or not student_layers:
-            raise ValueError(
-                "IDa-Det needs the co-attended features of the same number of decoder layers for both models; "
-                f"captured student layers {student_layers}, teacher layers {teacher_layers}."
-            )
-        student_features = torch.stack([student.co_attended[i] for i in student_layers])  # (L, B, Qs, D)
-        teacher_features = torch.stack([teacher.co_attended[i] for i in teacher_layers])  # (L, B, Qt, D)
-        if student_features.shape[-1] != teacher_features.shape[-1]:
-            raise ValueError(
-                "IDa-Det compares co-attended features, so teacher and student need the same d_model; got teacher "
-                f"{teacher_features.shape[-1]} and student {student_features.shape[-1]}."
-            )
-        if student_features.shape[1] != teacher_features.shape[1]:
-            raise ValueError(
-                f"batch sizes differ: student {student_features.shape[1]}, teacher {teacher_features.shape[1]}"
-            )
+        # (L, B, Qs, D) and (L, B, Qt, D)
+        student_features, teacher_features = stacked_co_attended_features(student, teacher, "IDa-Det")
         candidates, teacher_index = self.query_pairs(student, teacher, labels)
         num_layers, batch, num_student, dim = student_features.shape
         index = teacher_index.to(teacher_features.device)[None, :, :, None].expand(num_layers, batch, num_student, dim)
