@@ -105,6 +105,28 @@ def build_model(model_args: TeacherModelArguments, id2label: dict[int, str]) -> 
     return DetrForObjectDetection(config)
 
 
+@torch.no_grad()
+def initialize_like_original_detr(model: DetrForObjectDetection) -> None:
+    """Re-initialise the transformer and heads of a from-scratch DETR as the original DETR code does.
+
+    transformers initialises DETR's linear layers and object-query embeddings with N(0, 0.02) (meant for loading
+    pretrained weights on top). From scratch that makes the queries negligible next to the LayerNorm-ed decoder
+    states, so all query slots behave alike and DETR sits on its "predict the class prior" plateau for thousands of
+    steps. The original code (facebookresearch/detr) uses ``nn.Embedding``'s N(0, 1) queries, Xavier-uniform
+    transformer weights and PyTorch's default initialisation of the input projection and the heads.
+    """
+    detr = model.model
+    for module in (detr.encoder, detr.decoder):
+        for param in module.parameters():
+            if param.dim() > 1:
+                nn.init.xavier_uniform_(param)
+    nn.init.normal_(detr.query_position_embeddings.weight)
+    detr.input_projection.reset_parameters()
+    model.class_labels_classifier.reset_parameters()
+    for layer in model.bbox_predictor.layers:
+        layer.reset_parameters()
+
+
 def use_trainable_batch_norm(model: DetrForObjectDetection) -> int:
     """Give a randomly initialised backbone trainable BatchNorm for training from scratch; returns how many.
 
@@ -203,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = build_model(model_args, train_dataset.id2label)
     processor = default_image_processor(data_args.image_size)
     if not model_args.model_name_or_path:
+        initialize_like_original_detr(model)
         logger.info(f"Training from scratch with {use_trainable_batch_norm(model)} trainable BatchNorm layers")
         if data_args.backbone_pretraining_steps > 0:
             pretrain_backbone(

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_detr_kwargs
 from huggingface_hub import ModelCard
-from transformers import AutoImageProcessor, DetrForObjectDetection
+from transformers import AutoImageProcessor, DetrConfig, DetrForObjectDetection
 
 from qdetr_hf import QDetrForObjectDetection
 from qdetr_hf.trainer import files_to_push
@@ -198,3 +198,16 @@ def test_dense_backbone_targets_label_the_smallest_covering_box():
     expected = torch.tensor([[0, 0, 3, 3], [0, 2, 3, 3], [3, 3, 3, 3], [3, 3, 3, 3]])
     assert torch.equal(targets[0], expected)
     assert torch.equal(targets[1], torch.full((4, 4), 3))
+
+
+def test_from_scratch_teachers_use_the_original_detr_initialisation():
+    train_teacher = _load_example("train_teacher")
+    torch.manual_seed(0)
+    model = DetrForObjectDetection(DetrConfig(**tiny_detr_kwargs(num_queries=64, d_model=64)))
+    # transformers' own initialisation: N(0, 0.02) queries, far smaller than the LayerNorm-ed decoder states.
+    assert model.model.query_position_embeddings.weight.std() < 0.05
+    train_teacher.initialize_like_original_detr(model)
+    assert 0.85 < model.model.query_position_embeddings.weight.std() < 1.15  # nn.Embedding's N(0, 1)
+    q_proj = model.model.decoder.layers[0].encoder_attn.q_proj.weight
+    bound = (6 / (64 + 64)) ** 0.5  # Xavier-uniform bound for a 64 x 64 weight
+    assert q_proj.abs().max() <= bound and q_proj.std() > 0.9 * bound / 3**0.5
