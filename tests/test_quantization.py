@@ -21,6 +21,7 @@ from qdetr_hf import (
     QuantLinear,
     calibrate,
     is_calibrated,
+    lsq_fake_quantize,
     quantization_disabled,
 )
 from qdetr_hf.quantization import STEP_EPS, quant_range
@@ -280,3 +281,25 @@ def test_quant_attention_without_quantizers_matches_library_eager_attention():
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(probs, ref_probs)
     assert torch.all(probs[..., -1] == 0)
+
+
+def test_cached_range_follows_loaded_state():
+    quantizer = _calibrated(LSQActivationQuantizer(2), minimum=0.0, step=1.0, offset=0.0)  # unsigned: [0, 3]
+    x = torch.tensor([[-2.0, 2.0]])
+    assert quantizer(x).tolist() == [[0.0, 2.0]]  # the range is now cached
+    signed = _calibrated(LSQActivationQuantizer(2), minimum=-1.0, step=1.0, offset=0.0)  # signed: [-2, 1]
+    quantizer.load_state_dict(signed.state_dict())
+    assert quantizer(x).tolist() == [[-2.0, 1.0]]
+    quantizer.load_state_dict(LSQActivationQuantizer(2).state_dict())  # an uncalibrated state
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        quantizer(x)
+
+
+def test_inference_path_gives_the_same_numbers():
+    x = torch.randn(4, 16) * 3
+    step, offset = torch.tensor(0.37, requires_grad=True), torch.tensor(-0.2, requires_grad=True)
+    with_grad = lsq_fake_quantize(x, step, offset, -8.0, 7.0, 0.1)
+    with torch.no_grad():
+        without = lsq_fake_quantize(x, step, offset, -8.0, 7.0, 0.1)
+    assert with_grad.requires_grad and not without.requires_grad
+    assert torch.equal(with_grad.detach(), without)

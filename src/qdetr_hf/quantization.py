@@ -46,44 +46,46 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
 class _LSQFunction(torch.autograd.Function):
     """Fused LSQ/LSQ+ fake quantization with the straight-through estimator.
 
-    Forward: ``v = (x - z) / s``, ``out = s * round(clamp(v, Qn, Qp)) + z``.
+    Forward: ``v = (x - z) / s``, ``q = round(clamp(v, Qn, Qp))``, ``out = s * q + z``.
     Backward (Esser et al. 2020, Bhalgat et al. 2020):
 
     * ``d out / d x = 1`` inside ``[Qn, Qp]``, ``0`` outside;
-    * ``d out / d s = round(v) - v`` inside, ``Qn`` below, ``Qp`` above, times ``grad_scale``;
+    * ``d out / d s = round(v) - v`` inside, ``Qn`` below, ``Qp`` above (i.e. ``q`` outside), times ``grad_scale``;
     * ``d out / d z = 0`` inside, ``1`` outside, times ``grad_scale``.
 
-    ``s`` and ``z`` broadcast against ``x``; their gradients are summed back to their own shapes, so a per-channel
-    step (shape ``(C, 1, ...)``) gets a per-channel gradient. ``z`` may be ``None`` (symmetric LSQ); ``Qn``, ``Qp``
-    and ``grad_scale`` may be Python numbers or 0-d tensors (so no device synchronisation is needed).
+    The forward saves only what the backward needs (the ``inside`` mask and the local step gradient), so the backward
+    is two products and two reductions. ``s`` and ``z`` broadcast against ``x``; their gradients are summed back to
+    their own shapes, so a per-channel step (shape ``(C, 1, ...)``) gets a per-channel gradient. ``z`` may be
+    ``None`` (symmetric LSQ); ``Qn``, ``Qp`` and ``grad_scale`` are Python numbers.
     """
 
     @staticmethod
     def forward(ctx, x, step, offset, qn, qp, grad_scale):  # type: ignore[override]
         v = x / step if offset is None else (x - offset) / step
-        out = v.clamp(qn, qp).round() * step
-        if offset is not None:
-            out = out + offset
-        ctx.save_for_backward(v, step, offset)
-        ctx.bounds = (qn, qp, grad_scale)
+        clamped = v.clamp(qn, qp)
+        q = clamped.round()
+        out = q * step if offset is None else torch.addcmul(offset, q, step)
+        if any(ctx.needs_input_grad[:3]):
+            inside = clamped == v
+            ctx.save_for_backward(inside, torch.where(inside, q - v, q))
+        ctx.shapes = (step.shape, None if offset is None else offset.shape)
+        ctx.grad_scale = grad_scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        v, step, offset = ctx.saved_tensors
-        qn, qp, grad_scale = ctx.bounds
-        below = v < qn
-        above = v > qp
-        inside = ~(below | above)
-        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
-        grad_step = grad_offset = None
+        inside, local = ctx.saved_tensors
+        step_shape, offset_shape = ctx.shapes
+        grad_x = grad_step = grad_offset = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            grad_x = grad_out * inside
         if ctx.needs_input_grad[1]:
-            # round(v) - v inside, Qn below, Qp above.
-            outside_value = torch.where(below, torch.as_tensor(qn, dtype=v.dtype, device=v.device), qp)
-            local = torch.where(inside, v.round() - v, outside_value)
-            grad_step = (grad_out * local).sum_to_size(step.shape) * grad_scale
-        if offset is not None and ctx.needs_input_grad[2]:
-            grad_offset = (grad_out * (~inside)).sum_to_size(offset.shape) * grad_scale
+            grad_step = (grad_out * local).sum_to_size(step_shape) * ctx.grad_scale
+        if offset_shape is not None and ctx.needs_input_grad[2]:
+            # d/dz is 1 outside the range: the part of the incoming gradient the input did not take.
+            grad_offset = (grad_out.sum_to_size(offset_shape) - grad_x.sum_to_size(offset_shape)) * ctx.grad_scale
+        if not ctx.needs_input_grad[0]:
+            grad_x = None
         return grad_x, grad_step, grad_offset, None, None, None
 
 
@@ -91,9 +93,9 @@ def lsq_fake_quantize(
     x: torch.Tensor,
     step: torch.Tensor,
     offset: torch.Tensor | None,
-    qn: float | torch.Tensor,
-    qp: float | torch.Tensor,
-    grad_scale: float | torch.Tensor,
+    qn: float,
+    qp: float,
+    grad_scale: float,
 ) -> torch.Tensor:
     """Functional LSQ/LSQ+ fake quantization (see :class:`_LSQFunction` for the gradients).
 
@@ -105,6 +107,10 @@ def lsq_fake_quantize(
         qp: Highest integer level.
         grad_scale: LSQ gradient scale ``1 / sqrt(N * Qp)``.
     """
+    if not torch.is_grad_enabled():  # inference: same numbers, nothing saved for a backward
+        v = x / step if offset is None else (x - offset) / step
+        q = v.clamp(qn, qp).round()
+        return q * step if offset is None else torch.addcmul(offset, q, step)
     return _LSQFunction.apply(x, step, offset, qn, qp, grad_scale)
 
 
@@ -201,11 +207,27 @@ class LSQActivationQuantizer(_Quantizer):
         self.register_buffer("signed", torch.ones((), dtype=torch.bool))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         self._observer: _RangeObserver | None = None
-        self._known_calibrated = False
+        # (Qn, Qp) of a calibrated quantizer, read once from the buffers: a Python pair keeps the per-call overhead
+        # (and device synchronisation) out of the forward. Dropped whenever the buffers may change.
+        self._cached_range: tuple[int, int] | None = None
 
     def range(self) -> tuple[int, int]:
         """Current integer range ``(Qn, Qp)``, following the calibrated signedness."""
         return quant_range(self.bits, bool(self.signed))
+
+    def _calibrated_range(self) -> tuple[int, int]:
+        if self._cached_range is None:
+            if not bool(self.calibrated):
+                raise RuntimeError(
+                    f"Activation quantizer '{self.name}' is not calibrated. Run `qdetr_hf.calibrate(model, batches)` "
+                    "on a few real batches before training or inference (the distillation Trainer does this for you)."
+                )
+            self._cached_range = self.range()
+        return self._cached_range
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
+        self._cached_range = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._observer is not None:
@@ -213,22 +235,11 @@ class LSQActivationQuantizer(_Quantizer):
             return x
         if not self.enabled:
             return x
-        if not self._known_calibrated:
-            if not bool(self.calibrated):
-                raise RuntimeError(
-                    f"Activation quantizer '{self.name}' is not calibrated. Run `qdetr_hf.calibrate(model, batches)` "
-                    "on a few real batches before training or inference (the distillation Trainer does this for you)."
-                )
-            self._known_calibrated = True
+        qn, qp = self._calibrated_range()
         with torch.autocast(device_type=x.device.type, enabled=False):
-            # Range from the calibrated signedness, as 0-d tensors: no host/device synchronisation per call.
-            half = 2.0 ** (self.bits - 1)
-            qn = torch.where(self.signed, -half, 0.0).float()
-            qp = torch.where(self.signed, half - 1.0, 2.0 * half - 1.0).float()
             n = x.numel() // x.shape[0] if x.dim() > 0 and x.shape[0] > 0 else max(x.numel(), 1)
-            grad_scale = torch.rsqrt(qp * n)
             offset = self.offset.float() if self.learn_offset else None
-            out = lsq_fake_quantize(x.float(), self.step.float(), offset, qn, qp, grad_scale)
+            out = lsq_fake_quantize(x.float(), self.step.float(), offset, qn, qp, 1.0 / math.sqrt(n * qp))
         return out.to(x.dtype)
 
     @torch.no_grad()
@@ -246,7 +257,7 @@ class LSQActivationQuantizer(_Quantizer):
         self.raw_step.fill_(max(step, STEP_EPS) if math.isfinite(step) else 1.0)
         self.offset.fill_(offset)
         self.calibrated.fill_(True)
-        self._known_calibrated = True
+        self._cached_range = None
 
     @torch.no_grad()
     def reset_calibration(self) -> None:
@@ -255,7 +266,7 @@ class LSQActivationQuantizer(_Quantizer):
         self.offset.fill_(0.0)
         self.signed.fill_(True)
         self.calibrated.fill_(False)
-        self._known_calibrated = False
+        self._cached_range = None
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, learn_offset={self.learn_offset}, name={self.name!r}"
