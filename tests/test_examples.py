@@ -175,8 +175,19 @@ def test_train_teacher_from_scratch_saves_a_detr_with_frozen_batch_norm(tmp_path
     args += ["--num_train_images", "8", "--num_eval_images", "4", "--image_size", "64", "--d_model", "32"]
     args += ["--encoder_layers", "1", "--decoder_layers", "1", "--ffn_dim", "64", "--num_queries", "5"]
     args += ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--use_cpu", "true"]
+    args += ["--export_dir", str(tmp_path / "export")]
     metrics = train_teacher.main(args)
     assert "eval_AP" in metrics
+    exported = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert exported == [
+        "README.md",
+        "config.json",
+        "eval_results.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"| AP | {100 * metrics['eval_AP']:.1f} |" in card and "--export_dir" in card
     teacher = DetrForObjectDetection.from_pretrained(output_dir)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
     # Trainable BatchNorm really trained: its statistics moved away from the (0, 1) init and were kept.
