@@ -58,6 +58,7 @@ def test_config_defaults_follow_the_paper():
     assert config.distribution_alignment_eps == 1e-5
     assert config.quantize_backbone and config.quantize_encoder and config.quantize_decoder
     assert config.activation_offset
+    assert config.softmax_quantizer_init == "unit_range"
     assert config.model_type == "qdetr"
 
 
@@ -71,6 +72,7 @@ def test_config_defaults_follow_the_paper():
         ("first_conv_bits", 1, ValueError),
         ("distribution_alignment", "queries", ValueError),
         ("activation_offset_init", "mse", ValueError),
+        ("softmax_quantizer_init", "minmax", ValueError),
         ("distribution_alignment_eps", 0.0, ValueError),
         ("weight_bits", 3.5, Exception),  # strict dataclass type check
     ],

@@ -303,3 +303,21 @@ def test_inference_path_gives_the_same_numbers():
         without = lsq_fake_quantize(x, step, offset, -8.0, 7.0, 0.1)
     assert with_grad.requires_grad and not without.requires_grad
     assert torch.equal(with_grad.detach(), without)
+
+
+def test_softmax_quantizer_covers_the_unit_range():
+    attention = QuantAttention(8, head_dim=4, softmax_init="unit_range")
+    lsq = QuantAttention(8, head_dim=4, softmax_init="lsq")
+    probs = torch.softmax(torch.randn(2, 2, 5, 64) * 4, dim=-1)  # confident attention: some weights near 1
+    for module in (attention, lsq):
+        module.softmax_quantizer._observer = None
+        module.softmax_quantizer.set_from_statistics(probs.abs().mean().item(), probs.min().item(), probs.max().item())
+    unit = attention.softmax_quantizer
+    assert not bool(unit.signed) and unit.step.item() == pytest.approx(1 / 255) and unit.offset.item() == 0.0
+    assert (unit(probs) - probs).abs().max() <= 0.5 / 255 + 1e-7  # rounding error only, nothing clipped
+    # LSQ's statistics-based init clips at about 32 / L_k = 0.5 here: confident weights lose a lot.
+    assert (lsq.softmax_quantizer(probs) - probs).abs().max() > 0.2
+    with pytest.raises(ValueError, match="softmax_init"):
+        QuantAttention(8, head_dim=4, softmax_init="minmax")
+    with pytest.raises(ValueError, match="known_range"):
+        LSQActivationQuantizer(8, known_range=(1.0, 0.0))

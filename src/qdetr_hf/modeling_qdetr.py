@@ -201,6 +201,7 @@ class QDetrForObjectDetection(DetrForObjectDetection):
             align_queries=align,
             eps=self.config.distribution_alignment_eps,
             name=name,
+            softmax_init=self.config.softmax_quantizer_init,
             **offset_kwargs,
         )
 

@@ -189,12 +189,23 @@ class LSQActivationQuantizer(_Quantizer):
         offset_init: ``"zero"`` (LSQ step init ``2 mean|x| / sqrt(Qp)``, offset 0) or ``"minmax"`` (LSQ+ min/max init:
             ``s = (max - min) / (Qp - Qn)``, ``z = min - s * Qn``; only with ``learn_offset``).
         name: Human-readable location, used in error messages.
+        known_range: ``(low, high)`` when the input's range is known analytically (the softmax output's ``(0, 1)``):
+            calibration then sets ``s = (high - low) / (Qp - Qn)`` and ``z = low - s Qn`` (``z = 0`` when ``low`` is
+            0), so the range is covered exactly, instead of using the statistics.
     """
 
     def __init__(
-        self, bits: int, learn_offset: bool = True, offset_init: OffsetInit = "zero", name: str = "activation"
+        self,
+        bits: int,
+        learn_offset: bool = True,
+        offset_init: OffsetInit = "zero",
+        name: str = "activation",
+        known_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__(bits)
+        if known_range is not None and not known_range[0] < known_range[1]:
+            raise ValueError(f"known_range must be (low, high) with low < high, got {known_range!r}.")
+        self.known_range = known_range
         if offset_init not in ("zero", "minmax"):
             raise ValueError(f"offset_init must be 'zero' or 'minmax', got {offset_init!r}.")
         if offset_init == "minmax" and not learn_offset:
@@ -245,9 +256,14 @@ class LSQActivationQuantizer(_Quantizer):
     @torch.no_grad()
     def set_from_statistics(self, mean_abs: float, minimum: float, maximum: float) -> None:
         """Initialise signedness, step and offset from calibration statistics and mark the quantizer calibrated."""
+        if self.known_range is not None:
+            minimum, maximum = self.known_range
         signed = minimum < 0
         qn, qp = quant_range(self.bits, signed)
-        if self.offset_init == "minmax" and maximum > minimum:
+        if self.known_range is not None:
+            step = (maximum - minimum) / (qp - qn)
+            offset = minimum - step * qn if self.learn_offset else 0.0
+        elif self.offset_init == "minmax" and maximum > minimum:
             step = (maximum - minimum) / (qp - qn)
             offset = minimum - step * qn
         else:
@@ -269,7 +285,8 @@ class LSQActivationQuantizer(_Quantizer):
         self._cached_range = None
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, learn_offset={self.learn_offset}, name={self.name!r}"
+        known = f", known_range={self.known_range}" if self.known_range is not None else ""
+        return f"bits={self.bits}, learn_offset={self.learn_offset}, name={self.name!r}{known}"
 
 
 class _RangeObserver:
@@ -425,6 +442,8 @@ class QuantAttention(nn.Module):
         learn_offset: LSQ+ offsets for the four quantizers.
         offset_init: Offset/step initialisation of the four quantizers.
         name: Location prefix used in error messages.
+        softmax_init: ``"unit_range"``: the softmax-output quantizer covers its exact range ``[0, 1]`` (step
+            ``1 / (2^b - 1)``); ``"lsq"``: LSQ's statistics-based init like every other activation.
     """
 
     def __init__(
@@ -436,17 +455,20 @@ class QuantAttention(nn.Module):
         learn_offset: bool = True,
         offset_init: OffsetInit = "zero",
         name: str = "attention",
+        softmax_init: Literal["unit_range", "lsq"] = "unit_range",
     ) -> None:
         super().__init__()
+        if softmax_init not in ("unit_range", "lsq"):
+            raise ValueError(f"softmax_init must be 'unit_range' or 'lsq', got {softmax_init!r}.")
         self.alignment = DistributionAlignment(head_dim, eps) if align_queries else None
 
-        def make(part: str) -> LSQActivationQuantizer:
-            return LSQActivationQuantizer(bits, learn_offset, offset_init, name=f"{name}.{part}")
+        def make(part: str, known_range: tuple[float, float] | None = None) -> LSQActivationQuantizer:
+            return LSQActivationQuantizer(bits, learn_offset, offset_init, f"{name}.{part}", known_range)
 
         self.q_quantizer = make("q")
         self.k_quantizer = make("k")
         self.v_quantizer = make("v")
-        self.softmax_quantizer = make("softmax")
+        self.softmax_quantizer = make("softmax", (0.0, 1.0) if softmax_init == "unit_range" else None)
 
     def forward(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -374,6 +375,8 @@ class QDetrDistillationTrainer(Trainer):
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(staged, final)
+            with contextlib.suppress(OSError):
+                os.rmdir(staging_root)  # only if empty
             if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == Path(staging_root):
                 self.state.best_model_checkpoint = os.path.join(run_dir, Path(self.state.best_model_checkpoint).name)
             rotate_checkpoints(
