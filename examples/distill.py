@@ -70,6 +70,10 @@ class ModelArguments:
         default="cross_attention", metadata={"help": "DA location: cross_attention, self_attention, both, none."}
     )
     activation_offset: bool = field(default=True, metadata={"help": "LSQ+ learned offsets (False: plain LSQ)."})
+    weight_step_init: str = field(
+        default="lsq",
+        metadata={"help": "Initial weight steps: 'lsq' (paper) or 'mse' (per-channel clipping search)."},
+    )
     two_stage: bool = field(
         default=False,
         metadata={"help": "Q-DETR's two-stage schedule: backbone-only quantization first, then the full model."},
@@ -195,6 +199,7 @@ def quantization_kwargs(args: ModelArguments, stage: int | None = None) -> dict[
         "first_conv_bits": args.first_conv_bits,
         "distribution_alignment": args.distribution_alignment,
         "activation_offset": args.activation_offset,
+        "weight_step_init": args.weight_step_init,
     }
     if stage is not None:
         kwargs.update(quantize_backbone=True, quantize_encoder=stage == 2, quantize_decoder=stage == 2)

@@ -73,6 +73,7 @@ def test_config_defaults_follow_the_paper():
         ("distribution_alignment", "queries", ValueError),
         ("activation_offset_init", "mse", ValueError),
         ("softmax_quantizer_init", "minmax", ValueError),
+        ("weight_step_init", "minmax", ValueError),
         ("distribution_alignment_eps", 0.0, ValueError),
         ("weight_bits", 3.5, Exception),  # strict dataclass type check
     ],
@@ -161,6 +162,24 @@ def test_without_quantizers_the_model_computes_detr(detr_checkpoint, images):
     ref = detr(pixel_values=images)
     torch.testing.assert_close(ours.logits, ref.logits)
     torch.testing.assert_close(ours.pred_boxes, ref.pred_boxes)
+
+
+def test_mse_weight_step_init_survives_conversion_and_reloading(detr_checkpoint, tmp_path):
+    path, _ = detr_checkpoint
+    model = QDetrForObjectDetection.from_pretrained(path, weight_step_init="mse")
+    layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    for layer in layers:
+        expected = layer.weight_quantizer.mse_init(layer.weight)
+        torch.testing.assert_close(layer.weight_quantizer.raw_step, expected, rtol=0, atol=0)
+    assert any(
+        not torch.equal(layer.weight_quantizer.raw_step, layer.weight_quantizer.lsq_init(layer.weight))
+        for layer in layers
+    )
+    model.save_pretrained(tmp_path)
+    reloaded = QDetrForObjectDetection.from_pretrained(tmp_path)
+    assert reloaded.config.weight_step_init == "mse"
+    for a, b in zip(model.state_dict().values(), reloaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_converting_a_real_valued_checkpoint(detr_checkpoint):

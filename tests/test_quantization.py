@@ -321,3 +321,31 @@ def test_softmax_quantizer_covers_the_unit_range():
         QuantAttention(8, head_dim=4, softmax_init="minmax")
     with pytest.raises(ValueError, match="known_range"):
         LSQActivationQuantizer(8, known_range=(1.0, 0.0))
+
+
+def test_mse_weight_init_recovers_the_step_of_weights_on_a_grid():
+    # Channel 0 lies exactly on the 4-bit grid with step 0.1 (and uses its extreme level): zero error at step 0.1,
+    # which the search must find. LSQ's init (2 mean|w| / sqrt(7)) is a different, lossy step for it.
+    grid = torch.tensor([-7.0, -3.0, 0.0, 1.0, 5.0, 7.0]) * 0.1
+    outlier = torch.tensor([0.01, -0.02, 0.015, 0.0, -0.01, 1.0])  # one large weight: clipping it pays off
+    weight = torch.stack([grid, outlier])
+    quantizer = LSQWeightQuantizer(2, bits=4, weight_ndim=2, init="mse")
+    step = quantizer.mse_init(weight).flatten()
+    torch.testing.assert_close(step[0], torch.tensor(0.1), rtol=1e-6, atol=0)
+
+    def error(s: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.round(weight / s[:, None]), -8, 7) * s[:, None]
+        return (q - weight).pow(2).mean(dim=1)
+
+    lsq = quantizer.lsq_init(weight).flatten()
+    assert error(step)[0] < 1e-12 < error(lsq)[0]
+    # Every channel's error is at most that of the unclipped step and of LSQ's init.
+    assert torch.all(error(step) <= error(weight.abs().amax(1) / 7) + 1e-12)
+    assert torch.all(error(step) <= error(lsq) + 1e-12)
+    quantizer.initialize_from(weight)
+    torch.testing.assert_close(quantizer.step.flatten(), step)
+
+
+def test_unknown_weight_step_init_is_rejected():
+    with pytest.raises(ValueError, match="Weight step init"):
+        LSQWeightQuantizer(2, bits=4, init="percentile")

@@ -167,6 +167,7 @@ class QDetrForObjectDetection(DetrForObjectDetection):
                 module,
                 weight_bits=bits or self.config.weight_bits,
                 activation_bits=bits or self.config.activation_bits,
+                weight_init=self.config.weight_step_init,
                 name=f"model.backbone.model.{name}",
                 **offset_kwargs,
             )
@@ -184,6 +185,7 @@ class QDetrForObjectDetection(DetrForObjectDetection):
                 layer,
                 weight_bits=self.config.weight_bits,
                 activation_bits=self.config.activation_bits,
+                weight_init=self.config.weight_step_init,
                 name=name,
                 **offset_kwargs,
             ),
@@ -219,7 +221,8 @@ class QDetrForObjectDetection(DetrForObjectDetection):
         transformers dispatches ``_init_weights`` to each nested ``PreTrainedModel`` (``DetrModel``, its encoder and
         decoder), which know nothing about quantizers; left alone, quantizer tensors missing from a real-valued
         checkpoint would keep uninitialised memory. So they are set here, explicitly and deterministically: weight
-        steps to their LSQ init computed from the (loaded or freshly initialised) weights, activation quantizers to
+        steps to their initial value (``config.weight_step_init``, LSQ's by default) computed from the (loaded or
+        freshly initialised) weights, activation quantizers to
         the uncalibrated placeholder (step 1, offset 0), DA affines to identity. Tensors flagged
         ``_is_hf_initialized`` (loaded from the checkpoint) are left untouched.
         """
@@ -227,7 +230,7 @@ class QDetrForObjectDetection(DetrForObjectDetection):
         for module in self.modules():
             if isinstance(module, (QuantLinear, QuantConv2d)):
                 quantizer = module.weight_quantizer
-                init.copy_(quantizer.raw_step, quantizer.lsq_init(module.weight))
+                init.copy_(quantizer.raw_step, quantizer.initial_step(module.weight))
             elif isinstance(module, LSQActivationQuantizer):
                 init.ones_(module.raw_step)
                 init.zeros_(module.offset)

@@ -17,6 +17,8 @@ STEP_EPS = 1e-8
 """Lower bound of every effective step size: the stored step is used as ``|step|`` clamped to this value."""
 
 OffsetInit = Literal["zero", "minmax"]
+WeightStepInit = Literal["lsq", "mse"]
+WEIGHT_STEP_INITS = ("lsq", "mse")
 
 
 def check_bits(bits: Any, name: str = "bits") -> int:
@@ -128,7 +130,8 @@ class _Quantizer(nn.Module):
         return self.raw_step.abs().clamp_min(STEP_EPS)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, enabled={self.enabled}"
+        init = getattr(self, "init", None)
+        return f"bits={self.bits}, enabled={self.enabled}" + (f", init={init!r}" if init else "")
 
 
 class LSQWeightQuantizer(_Quantizer):
@@ -136,18 +139,27 @@ class LSQWeightQuantizer(_Quantizer):
 
     ``w_q = round(clip(w / s_c, -2^(b-1), 2^(b-1) - 1))``, ``Q_w = s_c * w_q``. The step gradient is scaled by
     ``1 / sqrt(N * Qp)`` with ``N`` the number of weights per output channel. Initialise with
-    :meth:`initialize_from` (``s0 = 2 mean(|w_c|) / sqrt(Qp)``, qdetr.md section 1).
+    :meth:`initialize_from`: ``init="lsq"`` gives LSQ's ``s0 = 2 mean(|w_c|) / sqrt(Qp)`` (qdetr.md section 1),
+    ``init="mse"`` the clipping point that minimises each channel's quantization error (:meth:`mse_init`).
 
     Args:
         num_channels: Number of output channels (size of axis 0 of the weight).
         bits: Bit width in ``[2, 8]``.
         weight_ndim: Number of dimensions of the weight (2 for Linear, 4 for Conv2d).
+        init: Initial step rule, ``"lsq"`` (the paper's) or ``"mse"``.
     """
 
-    def __init__(self, num_channels: int, bits: int, weight_ndim: int = 2) -> None:
+    def __init__(self, num_channels: int, bits: int, weight_ndim: int = 2, init: WeightStepInit = "lsq") -> None:
         super().__init__(bits)
+        if init not in WEIGHT_STEP_INITS:
+            raise ValueError(f"Weight step init must be one of {WEIGHT_STEP_INITS}, got {init!r}.")
+        self.init = init
         self.qn, self.qp = quant_range(self.bits, signed=True)
         self.raw_step = nn.Parameter(torch.ones((num_channels,) + (1,) * (weight_ndim - 1)))
+
+    def initial_step(self, weight: torch.Tensor) -> torch.Tensor:
+        """The initial step per output channel under this quantizer's ``init`` (:meth:`lsq_init` or :meth:`mse_init`)."""
+        return self.mse_init(weight) if self.init == "mse" else self.lsq_init(weight)
 
     def lsq_init(self, weight: torch.Tensor) -> torch.Tensor:
         """LSQ initial step per output channel: ``2 * mean(|w_c|) / sqrt(Qp)``."""
@@ -156,9 +168,31 @@ class LSQWeightQuantizer(_Quantizer):
         return init.clamp_min(STEP_EPS).reshape(self.raw_step.shape)
 
     @torch.no_grad()
+    def mse_init(self, weight: torch.Tensor, num_candidates: int = 100) -> torch.Tensor:
+        """Step per output channel minimising the channel's quantization error ``mean((Q_w - w)^2)``.
+
+        Searches the clipping points ``alpha * max|w_c|`` for ``alpha`` in ``1/K, 2/K, ..., 1`` (``K =
+        num_candidates``), i.e. steps ``alpha * max|w_c| / Qp``: the usual clipping search of post-training
+        quantization, deterministic and a function of the weights only. ``alpha = 1`` (no clipping) is always a
+        candidate, so a channel already on a uniform grid gets its exact step.
+        """
+        w = weight.detach().float().reshape(weight.shape[0], -1)
+        max_abs = w.abs().amax(dim=1).clamp_min(STEP_EPS)
+        best_error = torch.full_like(max_abs, math.inf)
+        best_step = max_abs / self.qp
+        for k in range(1, num_candidates + 1):  # candidates, not channels: each iteration is vectorised over channels
+            step = (k / num_candidates) * max_abs / self.qp
+            q = torch.clamp(torch.round(w / step[:, None]), self.qn, self.qp) * step[:, None]
+            error = (q - w).pow(2).mean(dim=1)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_step = torch.where(better, step, best_step)
+        return best_step.clamp_min(STEP_EPS).reshape(self.raw_step.shape)
+
+    @torch.no_grad()
     def initialize_from(self, weight: torch.Tensor) -> None:
-        """Set the step to its LSQ init computed from ``weight``."""
-        self.raw_step.copy_(self.lsq_init(weight))
+        """Set the step to its initial value computed from ``weight`` (:meth:`initial_step`)."""
+        self.raw_step.copy_(self.initial_step(weight))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -328,9 +362,10 @@ class QuantLinear(nn.Linear):
         name: str = "linear",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        weight_init: WeightStepInit = "lsq",
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.weight_quantizer = LSQWeightQuantizer(out_features, weight_bits, weight_ndim=2)
+        self.weight_quantizer = LSQWeightQuantizer(out_features, weight_bits, weight_ndim=2, init=weight_init)
         self.input_quantizer = LSQActivationQuantizer(activation_bits, learn_offset, offset_init, name=name)
 
     @classmethod
@@ -365,10 +400,11 @@ class QuantConv2d(nn.Conv2d):
         learn_offset: bool = True,
         offset_init: OffsetInit = "zero",
         name: str = "conv",
+        weight_init: WeightStepInit = "lsq",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.weight_quantizer = LSQWeightQuantizer(self.out_channels, weight_bits, weight_ndim=4)
+        self.weight_quantizer = LSQWeightQuantizer(self.out_channels, weight_bits, weight_ndim=4, init=weight_init)
         self.input_quantizer = LSQActivationQuantizer(activation_bits, learn_offset, offset_init, name=name)
 
     @classmethod
