@@ -6,6 +6,13 @@ The small teacher shipped in ``examples/teacher-synthetic`` was trained with (ab
     python examples/train_teacher.py --output_dir runs/teacher-synthetic --max_steps 10000 \
         --backbone_pretraining_steps 1500 --num_train_images 8000 --export_dir examples/teacher-synthetic
 
+The BCCD benchmark teacher (benchmarks/teachers/bccd, about 30 minutes on 2 CPU cores):
+
+    python examples/train_teacher.py --dataset_name ../shared/data/bccd --train_split trainval --eval_split test \
+        --image_size 256 --num_queries 40 --per_device_train_batch_size 8 --max_steps 5000 \
+        --backbone_pretraining_steps 800 --eval_steps 1000 --save_steps 1000 --output_dir runs/teacher-bccd \
+        --export_dir benchmarks/teachers/bccd
+
 Fine-tune a Hub DETR on your data instead of training from scratch (the label space is replaced):
 
     accelerate launch examples/train_teacher.py --model_name_or_path facebook/detr-resnet-101 \\
@@ -239,8 +246,8 @@ tags: [object-detection, detr, qdetr-hf]
 A small DETR ({config.backbone_config.backbone} backbone, d_model {config.d_model}, {config.encoder_layers} encoder
 / {config.decoder_layers} decoder layers, {config.num_queries} queries, {model.num_parameters() / 1e6:.2f} M
 parameters) trained from scratch by qdetr-hf's `examples/train_teacher.py` for {training_args.max_steps} steps of
-batch {training_args.per_device_train_batch_size} at {data_args.image_size} px; it is the default teacher of
-`examples/distill.py`. Classes: {", ".join(config.id2label.values())}.
+batch {training_args.per_device_train_batch_size} at {data_args.image_size} px, to be the frozen teacher of
+`examples/distill.py --teacher_model_name_or_path <this folder>`. Classes: {", ".join(config.id2label.values())}.
 
 Measured on the `{data_args.eval_split}` split ({data_args.num_eval_images if data_args.dataset_name == "synthetic" else "all"} images), COCO metrics in %:
 
