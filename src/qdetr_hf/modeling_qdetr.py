@@ -230,7 +230,9 @@ class QDetrForObjectDetection(DetrForObjectDetection):
         for module in self.modules():
             if isinstance(module, (QuantLinear, QuantConv2d)):
                 quantizer = module.weight_quantizer
-                init.copy_(quantizer.raw_step, quantizer.initial_step(module.weight))
+                # Skip the computation (a 100-candidate search under "mse") when the step was loaded.
+                if not getattr(quantizer.raw_step, "_is_hf_initialized", False):
+                    init.copy_(quantizer.raw_step, quantizer.initial_step(module.weight))
             elif isinstance(module, LSQActivationQuantizer):
                 init.ones_(module.raw_step)
                 init.zeros_(module.offset)

@@ -130,8 +130,7 @@ class _Quantizer(nn.Module):
         return self.raw_step.abs().clamp_min(STEP_EPS)
 
     def extra_repr(self) -> str:
-        init = getattr(self, "init", None)
-        return f"bits={self.bits}, enabled={self.enabled}" + (f", init={init!r}" if init else "")
+        return f"bits={self.bits}, enabled={self.enabled}"
 
 
 class LSQWeightQuantizer(_Quantizer):
@@ -156,6 +155,9 @@ class LSQWeightQuantizer(_Quantizer):
         self.init = init
         self.qn, self.qp = quant_range(self.bits, signed=True)
         self.raw_step = nn.Parameter(torch.ones((num_channels,) + (1,) * (weight_ndim - 1)))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, init={self.init!r}"
 
     def initial_step(self, weight: torch.Tensor) -> torch.Tensor:
         """The initial step per output channel under this quantizer's ``init`` (:meth:`lsq_init` or :meth:`mse_init`)."""
@@ -294,12 +296,10 @@ class LSQActivationQuantizer(_Quantizer):
             minimum, maximum = self.known_range
         signed = minimum < 0
         qn, qp = quant_range(self.bits, signed)
-        if self.known_range is not None:
+        if self.known_range is not None or (self.offset_init == "minmax" and maximum > minimum):
+            # Cover [minimum, maximum] exactly ("minmax" implies a learned offset; a known range may have none).
             step = (maximum - minimum) / (qp - qn)
             offset = minimum - step * qn if self.learn_offset else 0.0
-        elif self.offset_init == "minmax" and maximum > minimum:
-            step = (maximum - minimum) / (qp - qn)
-            offset = minimum - step * qn
         else:
             step = 2.0 * mean_abs / math.sqrt(qp)
             offset = 0.0
