@@ -93,6 +93,7 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
         shutil.copy(output_dir / name, upload / name)
     model = QDetrForObjectDetection.from_pretrained(upload).eval()
     assert model.is_calibrated and model.config.weight_bits == 4
+    assert model.config.weight_step_init == "mse"  # the main job's short-schedule default reaches the student
     processor = AutoImageProcessor.from_pretrained(upload)
     with torch.no_grad():
         out = model(**processor(images=[torch.zeros(3, 64, 64)], return_tensors="pt", do_rescale=False))
