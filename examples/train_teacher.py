@@ -35,7 +35,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from qdetr_hf.data import DatasetArguments, DetrCollator, default_image_processor
 from qdetr_hf.metrics import make_compute_metrics
-from qdetr_hf.trainer import QDetrDistillationTrainer, QDetrTrainingArguments
+from qdetr_hf.trainer import QDetrDistillationTrainer, QDetrTrainingArguments, configure_cpu_threads
 
 logger = logging.getLogger("train_teacher")
 
@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(defaults + (argv or sys.argv[1:]))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
+    logger.info(f"PyTorch uses {configure_cpu_threads(training_args)} CPU thread(s) per process")
 
     train_dataset, eval_dataset = data_args.load(data_args.image_size, training_args.seed)
     model = build_model(model_args, train_dataset.id2label)

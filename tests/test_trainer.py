@@ -15,7 +15,13 @@ from transformers.trainer_utils import get_last_checkpoint
 from qdetr_hf import QDetrForObjectDetection, calibrate
 from qdetr_hf.data import SyntheticShapesDataset
 from qdetr_hf.distillers import DRDDistiller
-from qdetr_hf.trainer import STAGING_DIR, QDetrDistillationTrainer, QDetrTrainingArguments, load_teacher
+from qdetr_hf.trainer import (
+    STAGING_DIR,
+    QDetrDistillationTrainer,
+    QDetrTrainingArguments,
+    configure_cpu_threads,
+    load_teacher,
+)
 
 
 def make_args(tmp_path, **overrides) -> QDetrTrainingArguments:
@@ -120,6 +126,26 @@ def test_no_weight_decay_on_quantizers_and_backbone_learning_rate(tmp_path, stud
     step = params["model.backbone.model.layer2.0.conv1.weight_quantizer.raw_step"]
     assert by_param[id(step)]["weight_decay"] == 0.0 and by_param[id(step)]["lr"] == 1e-4
     assert by_param[id(params["class_labels_classifier.weight"])]["lr"] == 1e-4
+
+
+def test_quantizer_learning_rate_applies_to_steps_offsets_and_alignment_only(tmp_path, student, teacher, tiny_shapes):
+    trainer = make_trainer(
+        tmp_path, student, teacher, tiny_shapes, quantizer_learning_rate=3e-3, backbone_learning_rate=1e-5
+    )
+    optimizer = trainer.create_optimizer()
+    lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    params = dict(student.named_parameters())
+    for name, param in params.items():
+        if not param.requires_grad:
+            continue
+        if "_quantizer." in name or ".alignment." in name:
+            expected = 3e-3  # also the backbone's weight steps: the quantizer rate wins over the backbone rate
+        elif ".backbone." in f".{name}":
+            expected = 1e-5
+        else:
+            expected = 1e-4
+        assert lr[id(param)] == expected, name
+    assert any(".alignment." in n for n in params)  # the DA affines exist in this student
 
 
 class _Repeat(Dataset):
@@ -264,3 +290,19 @@ def test_evaluation_reports_coco_metrics(tmp_path, student, teacher, tiny_shapes
     assert {"eval_loss", "eval_AP", "eval_AP50", "eval_AP75", "eval_APs", "eval_AR100"} <= set(metrics)
     assert 0.0 <= metrics["eval_AP"] <= 1.0
     assert {int(k): v for k, v in student.config.id2label.items()} == SHAPES
+
+
+def test_configure_cpu_threads_uses_every_core_of_a_single_cpu_process(tmp_path):
+    # `accelerate launch` without a config exports OMP_NUM_THREADS=1; a single CPU process must still use every core.
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        torch.set_num_threads(1)
+        args = QDetrTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+        assert configure_cpu_threads(args) == cores == torch.get_num_threads()
+        explicit = QDetrTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", cpu_threads=1)
+        assert configure_cpu_threads(explicit) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="cpu_threads"):
+        QDetrTrainingArguments(output_dir=str(tmp_path), cpu_threads=0)

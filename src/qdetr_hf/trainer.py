@@ -63,10 +63,46 @@ class QDetrTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Learning rate of the backbone (authors' code: 1e-5 with lr 1e-4). None: learning_rate."},
     )
+    quantizer_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the quantizer steps/offsets and DA affines (project option; the paper uses one "
+            "rate). None: learning_rate."
+        },
+    )
     calibration_batches: int = field(
         default=4,
         metadata={"help": "Training batches used to calibrate an uncalibrated student before the first step."},
     )
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "PyTorch intra-op threads (see `configure_cpu_threads`). None: every core the process may use when "
+            "one process trains on the CPU; otherwise the launcher's setting stands."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be a positive integer or None, got {self.cpu_threads!r}.")
+        super().__post_init__()
+
+
+def configure_cpu_threads(args: QDetrTrainingArguments) -> int:
+    """Set PyTorch's intra-op thread count for this run and return it.
+
+    `accelerate launch` without a config file exports ``OMP_NUM_THREADS=1`` to a single process that was not declared a
+    CPU run, so PyTorch would use one core even on a CPU-only machine (the main job took 11 min 16 s with one thread and
+    8 min 33 s with two on the 2-core reference machine). An explicit ``args.cpu_threads`` is always applied. Otherwise
+    a single process training on the CPU gets every core it may use (its CPU affinity), and nothing changes on a GPU or
+    when several processes share the machine, where the launcher split the cores between them.
+    """
+    if args.cpu_threads is not None:
+        torch.set_num_threads(args.cpu_threads)
+    elif args.world_size == 1 and args.device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(cores)
+    return torch.get_num_threads()
 
 
 def load_teacher(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
@@ -232,29 +268,33 @@ class QDetrDistillationTrainer(Trainer):
         names = super().get_decay_parameter_names(model)
         return [n for n in names if not any(marker in n for marker in QUANTIZER_PARAMETER_MARKERS)]
 
+    def _group_learning_rate(self, name: str) -> float | None:
+        """Learning rate of parameter ``name``'s optimizer group (None: ``learning_rate``)."""
+        if any(marker in name for marker in QUANTIZER_PARAMETER_MARKERS):
+            return getattr(self.args, "quantizer_learning_rate", None)
+        if ".backbone." in f".{name}":
+            return getattr(self.args, "backbone_learning_rate", None)
+        return None
+
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        backbone_lr = getattr(self.args, "backbone_learning_rate", None)
         distiller_params = self._distiller_parameters()
-        if self.optimizer is None and (backbone_lr is not None or distiller_params):
+        own_rates = any(
+            getattr(self.args, f, None) is not None for f in ("backbone_learning_rate", "quantizer_learning_rate")
+        )
+        if self.optimizer is None and (own_rates or distiller_params):
             opt_model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(opt_model))
-            groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+            groups: dict[tuple[float | None, bool], list[nn.Parameter]] = {}
             for name, param in opt_model.named_parameters():
-                if not param.requires_grad:
-                    continue
-                is_backbone = (
-                    backbone_lr is not None
-                    and ".backbone." in f".{name}"
-                    and not any(m in name for m in QUANTIZER_PARAMETER_MARKERS)
-                )
-                groups.setdefault((is_backbone, name in decay), []).append(param)
+                if param.requires_grad:
+                    groups.setdefault((self._group_learning_rate(name), name in decay), []).append(param)
             param_groups = [
                 {
                     "params": params,
                     "weight_decay": self.args.weight_decay if with_decay else 0.0,
-                    **({"lr": backbone_lr} if is_backbone else {}),
+                    **({"lr": lr} if lr is not None else {}),
                 }
-                for (is_backbone, with_decay), params in groups.items()
+                for (lr, with_decay), params in groups.items()
             ]
             if distiller_params:
                 param_groups.append({"params": distiller_params, "weight_decay": 0.0})
@@ -321,7 +361,8 @@ class QDetrDistillationTrainer(Trainer):
     # Calibration before the first step
     # ------------------------------------------------------------------------------------------------------------
     def calibrate_student(self, num_batches: int | None = None) -> None:
-        """Calibrate the student's uncalibrated activation quantizers on training batches (all processes)."""
+        """Calibrate the student's uncalibrated activation quantizers (and DA affines to fit) on training batches
+        (all processes)."""
         num_batches = num_batches or getattr(self.args, "calibration_batches", 4)
         if num_batches <= 0:
             raise ValueError(
