@@ -231,6 +231,25 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, images):
     assert torch.equal(out.pred_boxes, expected.pred_boxes)
 
 
+def test_fitted_distribution_alignment_is_calibrated_saved_and_reloaded(tmp_path, detr_checkpoint, images):
+    model = QDetrForObjectDetection.from_pretrained(
+        detr_checkpoint[0], distribution_alignment="both", distribution_alignment_init="fit"
+    )
+    alignments = [m for m in model.modules() if isinstance(m, DistributionAlignment)]
+    assert alignments and not any(bool(a.calibrated) for a in alignments) and not model.is_calibrated
+    calibrate(model, [images])
+    assert model.is_calibrated
+    assert all(not torch.equal(a.weight, torch.ones_like(a.weight)) for a in alignments)
+    model.eval()
+    expected = model(pixel_values=images)
+    model.save_pretrained(tmp_path / "fitted")
+    reloaded = QDetrForObjectDetection.from_pretrained(tmp_path / "fitted").eval()
+    assert reloaded.is_calibrated and reloaded.config.distribution_alignment_init == "fit"
+    assert torch.equal(reloaded(pixel_values=images).logits, expected.logits)
+    with pytest.raises(ValueError, match="distribution_alignment_init"):
+        QDetrConfig(distribution_alignment_init="identity")
+
+
 def test_auto_classes_are_registered(tmp_path, images):
     config = AutoConfig.for_model("qdetr", **tiny_detr_kwargs())
     assert isinstance(config, QDetrConfig)

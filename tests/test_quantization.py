@@ -269,6 +269,34 @@ def test_distribution_alignment_standardises_queries_before_its_affine():
     torch.testing.assert_close(da(query), 2.0 * out + torch.arange(8.0))
 
 
+class _AlignOnly(nn.Module):
+    def __init__(self, alignment: DistributionAlignment) -> None:
+        super().__init__()
+        self.alignment = alignment
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.alignment(pixel_values)
+
+
+def test_fitted_distribution_alignment_recovers_a_known_affine():
+    # Tokens u_t standardised over head_dim, then q = 3 u + 1.5: the standardised form of q is u, so the
+    # least-squares fit must find gamma = 3 and beta = 1.5 in every dimension and reproduce q exactly.
+    u = torch.nn.functional.layer_norm(torch.randn(4, 2, 50, 8), (8,), eps=0.0)
+    query = 3.0 * u + 1.5
+    da = DistributionAlignment(head_dim=8, eps=1e-12, init="fit")
+    assert not bool(da.calibrated) and not is_calibrated(_AlignOnly(da))
+    # Calibration batches pass through unchanged: the q quantizer after DA is calibrated on the real-valued query.
+    calibrate(_AlignOnly(da), [query[:2], query[2:]])
+    assert bool(da.calibrated)
+    torch.testing.assert_close(da.weight.detach(), torch.full((8,), 3.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(da.bias.detach(), torch.full((8,), 1.5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(da(query), query, atol=1e-4, rtol=0)
+    # The paper's unit init leaves the standardised query: a very different tensor here.
+    assert (DistributionAlignment(head_dim=8)(query) - query).abs().max() > 1.0
+    with pytest.raises(ValueError, match="'unit' or 'fit'"):
+        DistributionAlignment(head_dim=8, init="ones")
+
+
 def test_quant_attention_without_quantizers_matches_library_eager_attention():
     attention = QuantAttention(8, head_dim=4, align_queries=False)
     module = nn.Module()

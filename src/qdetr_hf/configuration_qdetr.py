@@ -9,6 +9,7 @@ DA_LOCATIONS = ("cross_attention", "self_attention", "both", "none")
 OFFSET_INITS = ("zero", "minmax")
 SOFTMAX_INITS = ("unit_range", "lsq")
 WEIGHT_STEP_INITS = ("lsq", "mse")
+ALIGNMENT_INITS = ("unit", "fit")
 
 
 def _check_bits(value: object, field: str) -> None:
@@ -48,6 +49,12 @@ class QDetrConfig(DetrConfig):
             `head_dim`-sized affine shared across heads (project decision). Only used when the decoder is quantized.
         distribution_alignment_eps (`float`, defaults to 1e-5):
             Epsilon of the DA standardisation (paper: 1e-5).
+        distribution_alignment_init (`str`, defaults to `"unit"`):
+            Initial DA affine. `"unit"`: `gamma = 1`, `beta = 0` (the paper's), which changes the converted model's
+            attention (the standardised query has a fixed per-token scale); `"fit"` (project option): calibration sets
+            `gamma`/`beta` per dimension to the least-squares fit of the real-valued query from its standardised
+            form, so DA starts close to the identity. On the synthetic teacher at 4-4-8 (cross-attention DA), the
+            calibrated, untrained student went from 9.0 AP with `"unit"` to 13.0 AP with `"fit"`.
         activation_offset (`bool`, defaults to `True`):
             Learn an LSQ+ offset in every activation quantizer (the paper's baseline). `False` gives plain LSQ.
         activation_offset_init (`str`, defaults to `"zero"`):
@@ -85,6 +92,7 @@ class QDetrConfig(DetrConfig):
     quantize_decoder: bool = True
     distribution_alignment: str = "cross_attention"
     distribution_alignment_eps: float = 1e-5
+    distribution_alignment_init: str = "unit"
     activation_offset: bool = True
     activation_offset_init: str = "zero"
     weight_step_init: str = "lsq"
@@ -103,6 +111,11 @@ class QDetrConfig(DetrConfig):
         if not self.distribution_alignment_eps > 0:
             raise ValueError(
                 f"QDetrConfig.distribution_alignment_eps must be > 0, got {self.distribution_alignment_eps!r}."
+            )
+        if self.distribution_alignment_init not in ALIGNMENT_INITS:
+            raise ValueError(
+                f"QDetrConfig.distribution_alignment_init must be one of {ALIGNMENT_INITS}, "
+                f"got {self.distribution_alignment_init!r}."
             )
         if self.activation_offset_init not in OFFSET_INITS:
             raise ValueError(

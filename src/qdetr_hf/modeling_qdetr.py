@@ -88,7 +88,7 @@ class QDetrForObjectDetection(DetrForObjectDetection):
     config: QDetrConfig
     # Quantizer tensors are expected to be missing when converting a real-valued DETR checkpoint: they are
     # initialised explicitly in `initialize_weights` rather than reported as missing weights.
-    _keys_to_ignore_on_load_missing = [r"_quantizer\.", r"\.alignment\.(weight|bias)$"]
+    _keys_to_ignore_on_load_missing = [r"_quantizer\.", r"\.alignment\.(weight|bias|calibrated)$"]
 
     def __init__(self, config: QDetrConfig):
         # Duck-typed: under trust_remote_code the config class is a dynamically loaded copy of QDetrConfig.
@@ -204,6 +204,7 @@ class QDetrForObjectDetection(DetrForObjectDetection):
             eps=self.config.distribution_alignment_eps,
             name=name,
             softmax_init=self.config.softmax_quantizer_init,
+            alignment_init=self.config.distribution_alignment_init,
             **offset_kwargs,
         )
 
@@ -223,7 +224,8 @@ class QDetrForObjectDetection(DetrForObjectDetection):
         checkpoint would keep uninitialised memory. So they are set here, explicitly and deterministically: weight
         steps to their initial value (``config.weight_step_init``, LSQ's by default) computed from the (loaded or
         freshly initialised) weights, activation quantizers to
-        the uncalibrated placeholder (step 1, offset 0), DA affines to identity. Tensors flagged
+        the uncalibrated placeholder (step 1, offset 0), DA affines to gamma 1, beta 0 (still to be fitted under
+        `distribution_alignment_init="fit"`). Tensors flagged
         ``_is_hf_initialized`` (loaded from the checkpoint) are left untouched.
         """
         super().initialize_weights()
@@ -241,6 +243,7 @@ class QDetrForObjectDetection(DetrForObjectDetection):
             elif isinstance(module, DistributionAlignment):
                 init.ones_(module.weight)
                 init.zeros_(module.bias)
+                init.constant_(module.calibrated, module.init == "unit")
 
     @property
     def is_calibrated(self) -> bool:

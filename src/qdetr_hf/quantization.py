@@ -18,6 +18,7 @@ STEP_EPS = 1e-8
 
 OffsetInit = Literal["zero", "minmax"]
 WeightStepInit = Literal["lsq", "mse"]
+AlignmentInit = Literal["unit", "fit"]
 WEIGHT_STEP_INITS = ("lsq", "mse")
 
 
@@ -439,27 +440,75 @@ class DistributionAlignment(nn.Module):
 
     Maximising the self-information entropy of a Gaussian query amounts to standardising it:
     ``q* = gamma * (q - mean(q)) / sqrt(var(q) + eps) + beta``, with statistics over ``head_dim`` for every token and
-    head, and ``gamma`` / ``beta`` of size ``head_dim`` shared across heads (``gamma = 1``, ``beta = 0`` at init).
+    head, and ``gamma`` / ``beta`` of size ``head_dim`` shared across heads.
 
     Args:
         head_dim: Size of one attention head.
         eps: Variance epsilon (paper: 1e-5).
+        init: ``"unit"``: ``gamma = 1``, ``beta = 0`` (the paper's). ``"fit"`` (project option): :func:`calibrate` sets
+            ``gamma`` and ``beta`` per dimension to the least-squares fit of the incoming query ``q`` from its
+            standardised form, so the aligned query starts as close to the real-valued model's as an affine map of
+            the standardised query allows (:meth:`fit_from_statistics`). Until then the module is not calibrated.
     """
 
-    def __init__(self, head_dim: int, eps: float = 1e-5) -> None:
+    def __init__(self, head_dim: int, eps: float = 1e-5, init: AlignmentInit = "unit") -> None:
         super().__init__()
+        if init not in ("unit", "fit"):
+            raise ValueError(f"Distribution alignment init must be 'unit' or 'fit', got {init!r}.")
         self.head_dim = head_dim
         self.eps = eps
+        self.init = init
         self.weight = nn.Parameter(torch.ones(head_dim))
         self.bias = nn.Parameter(torch.zeros(head_dim))
+        # Only meaningful for init="fit": whether gamma/beta have been fitted (persistent, so a reload keeps them).
+        self.register_buffer("calibrated", torch.tensor(init == "unit"))
+        self._observer: _AlignmentObserver | None = None
+
+    def standardize(self, query: torch.Tensor) -> torch.Tensor:
+        """``(q - mean(q)) / sqrt(var(q) + eps)`` over the last (``head_dim``) axis, in float32."""
+        return F.layer_norm(query.float(), (self.head_dim,), eps=self.eps)
 
     def forward(self, query: torch.Tensor) -> torch.Tensor:
+        if self._observer is not None:  # calibration pass: record, and let the real-valued query through
+            self._observer.update(query, self.standardize(query))
+            return query
         with torch.autocast(device_type=query.device.type, enabled=False):
             out = F.layer_norm(query.float(), (self.head_dim,), self.weight.float(), self.bias.float(), self.eps)
         return out.to(query.dtype)
 
+    @torch.no_grad()
+    def fit_from_statistics(self, sums: torch.Tensor) -> None:
+        """Set ``gamma``/``beta`` from the sums of :class:`_AlignmentObserver` and mark the module calibrated.
+
+        Per dimension ``d``, with ``z`` the standardised query: ``gamma_d = Cov(z_d, q_d) / Var(z_d)`` and ``beta_d
+        = E[q_d] - gamma_d E[z_d]``, the least-squares affine map from ``z_d`` to ``q_d``. A dimension whose ``z_d``
+        is constant gets ``gamma_d = 1``.
+        """
+        count, sum_z, sum_zz, sum_q, sum_zq = sums.double()
+        count = count.clamp_min(1.0)
+        mean_z, mean_q = sum_z / count, sum_q / count
+        var_z = sum_zz / count - mean_z**2
+        cov = sum_zq / count - mean_z * mean_q
+        gamma = torch.where(var_z > 1e-12, cov / var_z.clamp_min(1e-12), torch.ones_like(var_z))
+        self.weight.copy_(gamma.to(self.weight.dtype))
+        self.bias.copy_((mean_q - gamma * mean_z).to(self.bias.dtype))
+        self.calibrated.fill_(True)
+
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, eps={self.eps}"
+        return f"head_dim={self.head_dim}, eps={self.eps}, init={self.init!r}"
+
+
+class _AlignmentObserver:
+    """Per-dimension sums over tokens of ``1, z, z^2, q, z q`` (``q``: query, ``z``: its standardised form)."""
+
+    def __init__(self, head_dim: int) -> None:
+        self.sums = torch.zeros(5, head_dim, dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, query: torch.Tensor, standardized: torch.Tensor) -> None:
+        q = query.detach().reshape(-1, query.shape[-1]).double().cpu()
+        z = standardized.detach().reshape(-1, query.shape[-1]).double().cpu()
+        self.sums += torch.stack([torch.ones_like(q).sum(0), z.sum(0), (z * z).sum(0), q.sum(0), (z * q).sum(0)])
 
 
 class QuantAttention(nn.Module):
@@ -480,6 +529,7 @@ class QuantAttention(nn.Module):
         name: Location prefix used in error messages.
         softmax_init: ``"unit_range"``: the softmax-output quantizer covers its exact range ``[0, 1]`` (step
             ``1 / (2^b - 1)``); ``"lsq"``: LSQ's statistics-based init like every other activation.
+        alignment_init: Initialisation of the DA affine (see :class:`DistributionAlignment`).
     """
 
     def __init__(
@@ -492,11 +542,12 @@ class QuantAttention(nn.Module):
         offset_init: OffsetInit = "zero",
         name: str = "attention",
         softmax_init: Literal["unit_range", "lsq"] = "unit_range",
+        alignment_init: AlignmentInit = "unit",
     ) -> None:
         super().__init__()
         if softmax_init not in ("unit_range", "lsq"):
             raise ValueError(f"softmax_init must be 'unit_range' or 'lsq', got {softmax_init!r}.")
-        self.alignment = DistributionAlignment(head_dim, eps) if align_queries else None
+        self.alignment = DistributionAlignment(head_dim, eps, alignment_init) if align_queries else None
 
         def make(part: str, known_range: tuple[float, float] | None = None) -> LSQActivationQuantizer:
             return LSQActivationQuantizer(bits, learn_offset, offset_init, f"{name}.{part}", known_range)
@@ -549,9 +600,15 @@ def activation_quantizers(model: nn.Module) -> list[LSQActivationQuantizer]:
     return [m for _, m in quantizers(model) if isinstance(m, LSQActivationQuantizer)]
 
 
+def _fitted_alignments(model: nn.Module) -> list[DistributionAlignment]:
+    """The DA modules of ``model`` whose affine is fitted at calibration (``init="fit"``)."""
+    return [m for m in model.modules() if isinstance(m, DistributionAlignment) and m.init == "fit"]
+
+
 def is_calibrated(model: nn.Module) -> bool:
-    """Whether every activation quantizer of ``model`` has been calibrated (``True`` if it has none)."""
-    return all(bool(q.calibrated) for q in activation_quantizers(model))
+    """Whether every activation quantizer (and every DA with ``init="fit"``) of ``model`` has been calibrated
+    (``True`` if it has none)."""
+    return all(bool(m.calibrated) for m in [*activation_quantizers(model), *_fitted_alignments(model)])
 
 
 @contextmanager
@@ -599,8 +656,10 @@ def calibrate(
     ``torch.distributed`` is initialised the statistics are all-reduced (sum, sum, min, max) so every rank ends with
     identical steps whatever its own batches were. Each quantizer then takes its signedness (unsigned when the global
     minimum is ``>= 0``), LSQ step (``2 mean|x| / sqrt(Qp)``) and offset, and is marked calibrated in its persistent
-    ``calibrated`` buffer. Weight quantizers are initialised from the weights at construction/loading time and are
-    not touched here.
+    ``calibrated`` buffer. Distribution Alignment modules with ``init="fit"`` pass their query through unchanged during
+    this pass (so the q quantizer is calibrated on the real-valued query), accumulate its statistics (all-reduced
+    too) and then take the least-squares ``gamma``/``beta`` (:meth:`DistributionAlignment.fit_from_statistics`).
+    Weight quantizers are initialised from the weights at construction/loading time and are not touched here.
 
     Args:
         model: A model containing LSQ quantizers (e.g. ``QDetrForObjectDetection``); may be DDP-wrapped.
@@ -619,9 +678,11 @@ def calibrate(
     """
     target = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
     qs = activation_quantizers(target)
+    alignments = _fitted_alignments(target)
     if only_uncalibrated:
         qs = [q for q in qs if not bool(q.calibrated)]
-    if not qs:
+        alignments = [a for a in alignments if not bool(a.calibrated)]
+    if not qs and not alignments:
         return model
     if device is None:
         device = next(target.parameters()).device
@@ -629,6 +690,8 @@ def calibrate(
     observers = [_RangeObserver() for _ in qs]
     for q, obs in zip(qs, observers, strict=True):
         q._observer = obs
+    for alignment in alignments:
+        alignment._observer = _AlignmentObserver(alignment.head_dim)
     iterator: Iterable[Any] = batches
     if show_progress:
         from tqdm.auto import tqdm
@@ -646,14 +709,25 @@ def calibrate(
     finally:
         for q in qs:
             q._observer = None
+        alignment_sums = [a._observer.sums for a in alignments]
+        for alignment in alignments:
+            alignment._observer = None
         target.train(was_training)
     if num_batches == 0:
         raise ValueError("calibrate() received no batches: pass at least one batch of real images.")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    for alignment, sums in zip(alignments, alignment_sums, strict=True):
+        sums = sums.to(device)
+        if distributed:
+            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+        alignment.fit_from_statistics(sums.cpu())
+    if not qs:
+        return model
 
     stats = torch.tensor(
         [[o.sum_abs, float(o.count), o.minimum, o.maximum] for o in observers], dtype=torch.float64, device=device
     )
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if distributed:
         sums = stats[:, :2].contiguous()
         mins = stats[:, 2].contiguous()
         maxs = stats[:, 3].contiguous()
