@@ -15,7 +15,7 @@ from conftest import REPO_ROOT, tiny_detr_kwargs
 from huggingface_hub import ModelCard
 from transformers import AutoImageProcessor, DetrConfig, DetrForObjectDetection
 
-from qdetr_hf import QDetrForObjectDetection
+from qdetr_hf import DistributionAlignment, QDetrForObjectDetection
 from qdetr_hf.trainer import files_to_push
 
 TINY_RUN = [
@@ -93,7 +93,10 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
         shutil.copy(output_dir / name, upload / name)
     model = QDetrForObjectDetection.from_pretrained(upload).eval()
     assert model.is_calibrated and model.config.weight_bits == 4
-    assert model.config.weight_step_init == "mse"  # the main job's short-schedule default reaches the student
+    # The main job's short-schedule defaults reach the student: MSE weight steps, DA affine fitted at calibration.
+    assert model.config.weight_step_init == "mse" and model.config.distribution_alignment_init == "fit"
+    alignments = [m for m in model.modules() if isinstance(m, DistributionAlignment)]
+    assert alignments and all(bool(a.calibrated) for a in alignments)
     processor = AutoImageProcessor.from_pretrained(upload)
     with torch.no_grad():
         out = model(**processor(images=[torch.zeros(3, 64, 64)], return_tensors="pt", do_rescale=False))
