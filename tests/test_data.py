@@ -643,3 +643,25 @@ def test_default_image_processor_sizes() -> None:
     with pytest.raises(ValueError, match="positive"):
         default_image_processor(0)
     assert data_module.__doc__ is not None and data_module.__doc__.startswith("Detection datasets")
+
+
+def test_synthetic_cache_returns_the_same_items_and_respects_its_budget(monkeypatch):
+    plain = SyntheticShapesDataset(num_images=6, image_size=32, seed=3)
+    cached = SyntheticShapesDataset(num_images=6, image_size=32, seed=3, cache_bytes=2 * 32 * 32 * 3)
+    calls = []  # items the cached dataset had to generate
+    generate = SyntheticShapesDataset._generate
+    monkeypatch.setattr(
+        SyntheticShapesDataset, "_generate", lambda self, i: (self is cached and calls.append(i)) or generate(self, i)
+    )
+    for _ in range(2):  # two epochs
+        for i in range(6):
+            expected, got = plain[i], cached[i]
+            assert np.array_equal(np.asarray(got["image"]), np.asarray(expected["image"]))
+            assert got["annotations"] == expected["annotations"]
+    # The budget holds two images: items 0 and 1 are generated once, the others in every epoch.
+    assert sorted(calls) == [0, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    # Callers may modify what they get without corrupting the cache.
+    cached[0]["annotations"][0]["bbox"][0] = -100.0
+    assert cached[0]["annotations"] == plain[0]["annotations"]
+    with pytest.raises(ValueError, match="cache_bytes"):
+        SyntheticShapesDataset(num_images=1, cache_bytes=-1)

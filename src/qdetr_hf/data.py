@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -1104,6 +1105,9 @@ class SyntheticShapesDataset(DetectionDataset):
         max_size: Largest shape extent in px (default ``0.6 * shorter side``).
         max_occlusion: Largest fraction of an object that later objects may cover.
         noise_std: Standard deviation of the pixel noise (0-255 scale).
+        cache_bytes: Keep generated items in memory while their pixels take at most this many bytes (``3 H W`` per
+            image), so later epochs skip generation (about 5 ms per 128 px image on one core); 0 disables. Each
+            DataLoader worker holds its own cache.
 
     Raises:
         ValueError: On inconsistent arguments.
@@ -1120,6 +1124,7 @@ class SyntheticShapesDataset(DetectionDataset):
         max_size: float | None = None,
         max_occlusion: float = 0.4,
         noise_std: float = 8.0,
+        cache_bytes: int = 0,
     ) -> None:
         super().__init__(dict(enumerate(SHAPE_NAMES)))
         height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -1138,6 +1143,8 @@ class SyntheticShapesDataset(DetectionDataset):
             raise ValueError(f"max_occlusion must be in [0, 1), got {max_occlusion}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
         self.num_images = int(num_images)
         self.height, self.width = int(height), int(width)
         self.seed = int(seed)
@@ -1145,6 +1152,9 @@ class SyntheticShapesDataset(DetectionDataset):
         self.min_size, self.max_size = min_size, max_size
         self.max_occlusion = float(max_occlusion)
         self.noise_std = float(noise_std)
+        self.cache_bytes = int(cache_bytes)
+        self._cache: dict[int, tuple[np.ndarray, list[CocoAnnotation]]] = {}
+        self._cached_bytes = 0
         yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
         self._pixel_y, self._pixel_x = yy + 0.5, xx + 0.5  # pixel centres
 
@@ -1233,9 +1243,20 @@ class SyntheticShapesDataset(DetectionDataset):
             index: Item index (negative allowed).
 
         Returns:
-            ``(image uint8 (H, W, 3), annotations)``.
+            ``(image uint8 (H, W, 3), annotations)``; with a cache the image is a read-only array.
         """
         index = self._check_index(index)
+        cached = self._cache.get(index)
+        if cached is None:
+            cached = self._generate(index)
+            if self._cached_bytes + cached[0].nbytes <= self.cache_bytes:
+                cached[0].flags.writeable = False
+                self._cache[index] = cached
+                self._cached_bytes += cached[0].nbytes
+        pixels, annotations = cached
+        return pixels, copy.deepcopy(annotations)
+
+    def _generate(self, index: int) -> tuple[np.ndarray, list[CocoAnnotation]]:
         rng = np.random.default_rng([self.seed, index])
         h, w = self.height, self.width
         image = self._background(rng)
@@ -1439,6 +1460,13 @@ class DatasetArguments:
     num_train_images: int = field(default=4000, metadata={"help": "Synthetic data only."})
     num_eval_images: int = field(default=200, metadata={"help": "Synthetic data only."})
     augment: bool = field(default=True, metadata={"help": "Random horizontal flips of training images."})
+    synthetic_cache_mb: int = field(
+        default=1024,
+        metadata={
+            "help": "Synthetic data only: memory (MB) for keeping generated images, so later epochs skip generation "
+            "(4,000 images at 128 px take 197 MB). 0 disables."
+        },
+    )
 
     def load(self, image_size: int, seed: int = 0) -> tuple[DetectionDataset, DetectionDataset]:
         """The training and evaluation datasets (synthetic images are generated at ``image_size`` from ``seed``)."""
@@ -1446,7 +1474,12 @@ class DatasetArguments:
         for split, num_images in ((self.train_split, self.num_train_images), (self.eval_split, self.num_eval_images)):
             kwargs: dict[str, Any] = {}
             if self.dataset_name == "synthetic":
-                kwargs = {"num_images": num_images, "image_size": image_size, "seed": seed}
+                kwargs = {
+                    "num_images": num_images,
+                    "image_size": image_size,
+                    "seed": seed,
+                    "cache_bytes": self.synthetic_cache_mb * 2**20,
+                }
             splits.append(load_detection_dataset(self.dataset_name, split, self.dataset_format, **kwargs))
         return splits[0], splits[1]
 
