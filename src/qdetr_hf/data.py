@@ -1247,14 +1247,14 @@ class SyntheticShapesDataset(DetectionDataset):
         """
         index = self._check_index(index)
         cached = self._cache.get(index)
-        if cached is None:
-            cached = self._generate(index)
-            if self._cached_bytes + cached[0].nbytes <= self.cache_bytes:
-                cached[0].flags.writeable = False
-                self._cache[index] = cached
-                self._cached_bytes += cached[0].nbytes
-        pixels, annotations = cached
-        return pixels, copy.deepcopy(annotations)
+        if cached is not None:  # copies of the annotations, so callers cannot change the cache
+            return cached[0], copy.deepcopy(cached[1])
+        pixels, annotations = self._generate(index)
+        if self._cached_bytes + pixels.nbytes <= self.cache_bytes:
+            pixels.flags.writeable = False
+            self._cache[index] = (pixels, copy.deepcopy(annotations))
+            self._cached_bytes += pixels.nbytes
+        return pixels, annotations
 
     def _generate(self, index: int) -> tuple[np.ndarray, list[CocoAnnotation]]:
         rng = np.random.default_rng([self.seed, index])

@@ -20,6 +20,7 @@ OffsetInit = Literal["zero", "minmax"]
 WeightStepInit = Literal["lsq", "mse"]
 AlignmentInit = Literal["unit", "fit"]
 WEIGHT_STEP_INITS = ("lsq", "mse")
+ALIGNMENT_INITS = ("unit", "fit")
 
 
 def check_bits(bits: Any, name: str = "bits") -> int:
@@ -453,7 +454,7 @@ class DistributionAlignment(nn.Module):
 
     def __init__(self, head_dim: int, eps: float = 1e-5, init: AlignmentInit = "unit") -> None:
         super().__init__()
-        if init not in ("unit", "fit"):
+        if init not in ALIGNMENT_INITS:
             raise ValueError(f"Distribution alignment init must be 'unit' or 'fit', got {init!r}.")
         self.head_dim = head_dim
         self.eps = eps
@@ -508,7 +509,8 @@ class _AlignmentObserver:
     def update(self, query: torch.Tensor, standardized: torch.Tensor) -> None:
         q = query.detach().reshape(-1, query.shape[-1]).double().cpu()
         z = standardized.detach().reshape(-1, query.shape[-1]).double().cpu()
-        self.sums += torch.stack([torch.ones_like(q).sum(0), z.sum(0), (z * z).sum(0), q.sum(0), (z * q).sum(0)])
+        count = torch.full_like(q[0], q.shape[0])
+        self.sums += torch.stack([count, z.sum(0), (z * z).sum(0), q.sum(0), (z * q).sum(0)])
 
 
 class QuantAttention(nn.Module):
