@@ -74,6 +74,13 @@ class ModelArguments:
         metadata={"help": "DA affine init: 'unit' (paper: gamma 1, beta 0) or 'fit' (least squares at calibration)."},
     )
     activation_offset: bool = field(default=True, metadata={"help": "LSQ+ learned offsets (False: plain LSQ)."})
+    activation_offset_init: str = field(
+        default="zero",
+        metadata={
+            "help": "Activation step/offset init at calibration: 'zero' (paper: LSQ step, zero offset), 'minmax' "
+            "(LSQ+) or 'mse' (the LSQ step's multiple with the least quantization error)."
+        },
+    )
     weight_step_init: str = field(
         default="lsq",
         metadata={"help": "Initial weight steps: 'lsq' (paper) or 'mse' (per-channel clipping search)."},
@@ -139,12 +146,13 @@ class DataArguments(DatasetArguments):
 # within 15 minutes (12 min 21 s measured: 32.2 AP). Every value can be overridden.
 MAIN_JOB_DEFAULTS = [
     "--output_dir", "runs/qdetr-synthetic-4bit",
-    "--max_steps", "2800",
+    "--max_steps", "3000",
     "--per_device_train_batch_size", "8",
     "--per_device_eval_batch_size", "32",
     "--learning_rate", "6e-4",
     "--weight_step_init", "mse",
     "--distribution_alignment_init", "fit",
+    "--activation_offset_init", "mse",
     "--lr_scheduler_type", "cosine",
     "--warmup_steps", "50",
     "--logging_steps", "50",
@@ -210,6 +218,7 @@ def quantization_kwargs(args: ModelArguments, stage: int | None = None) -> dict[
         "first_conv_bits": args.first_conv_bits,
         "distribution_alignment": args.distribution_alignment,
         "activation_offset": args.activation_offset,
+        "activation_offset_init": args.activation_offset_init,
         "weight_step_init": args.weight_step_init,
         "distribution_alignment_init": args.distribution_alignment_init,
     }

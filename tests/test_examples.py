@@ -93,8 +93,10 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
         shutil.copy(output_dir / name, upload / name)
     model = QDetrForObjectDetection.from_pretrained(upload).eval()
     assert model.is_calibrated and model.config.weight_bits == 4
-    # The main job's short-schedule defaults reach the student: MSE weight steps, DA affine fitted at calibration.
+    # The main job's short-schedule defaults reach the student: MSE weight and activation steps, DA affine fitted at
+    # calibration.
     assert model.config.weight_step_init == "mse" and model.config.distribution_alignment_init == "fit"
+    assert model.config.activation_offset_init == "mse"
     alignments = [m for m in model.modules() if isinstance(m, DistributionAlignment)]
     assert alignments and all(bool(a.calibrated) for a in alignments)
     processor = AutoImageProcessor.from_pretrained(upload)

@@ -71,7 +71,7 @@ def test_config_defaults_follow_the_paper():
         ("attention_bits", 16, ValueError),
         ("first_conv_bits", 1, ValueError),
         ("distribution_alignment", "queries", ValueError),
-        ("activation_offset_init", "mse", ValueError),
+        ("activation_offset_init", "percentile", ValueError),
         ("softmax_quantizer_init", "minmax", ValueError),
         ("weight_step_init", "minmax", ValueError),
         ("distribution_alignment_eps", 0.0, ValueError),

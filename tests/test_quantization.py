@@ -22,9 +22,10 @@ from qdetr_hf import (
     calibrate,
     is_calibrated,
     lsq_fake_quantize,
+    quantization,
     quantization_disabled,
 )
-from qdetr_hf.quantization import STEP_EPS, quant_range
+from qdetr_hf.quantization import MSE_SAMPLES_PER_BATCH, MSE_STEP_MULTIPLIERS, STEP_EPS, quant_range
 
 
 def test_quant_range():
@@ -177,10 +178,10 @@ def test_quant_layers_share_parameters_with_the_float_layer():
 class _ReluNet(nn.Module):
     """A minimal model taking ``pixel_values``, as calibrate() expects."""
 
-    def __init__(self) -> None:
+    def __init__(self, offset_init: str = "zero") -> None:
         super().__init__()
-        self.first = QuantLinear(4, 8, weight_bits=4, activation_bits=4, name="first")
-        self.second = QuantLinear(8, 2, weight_bits=4, activation_bits=4, name="second")
+        self.first = QuantLinear(4, 8, weight_bits=4, activation_bits=4, offset_init=offset_init, name="first")
+        self.second = QuantLinear(8, 2, weight_bits=4, activation_bits=4, offset_init=offset_init, name="second")
 
     def forward(self, pixel_values: torch.Tensor, pixel_mask=None) -> torch.Tensor:
         return self.second(torch.relu(self.first(pixel_values)))
@@ -232,6 +233,11 @@ def _calibrate_rank(rank: int, world_size: int, port: int, out_dir: str) -> None
         data = torch.randn(6, 4, generator=torch.Generator().manual_seed(100 + rank)) * (1 + rank)
         calibrate(net, [data])
         torch.save({k: v for k, v in net.state_dict().items() if "input_quantizer" in k}, f"{out_dir}/rank{rank}.pt")
+        torch.manual_seed(0)
+        searched = _ReluNet("mse")
+        calibrate(searched, [data])
+        steps = {k: v for k, v in searched.state_dict().items() if "input_quantizer" in k}
+        torch.save(steps, f"{out_dir}/mse_rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -251,6 +257,15 @@ def test_distributed_calibration_gives_identical_steps_on_every_rank(tmp_path):
     for key, value in net.state_dict().items():
         if "input_quantizer" in key:
             torch.testing.assert_close(rank0[key], value)
+    # The "mse" step search reduces its errors across ranks too: same steps everywhere, as on the union.
+    mse0, mse1 = torch.load(tmp_path / "mse_rank0.pt"), torch.load(tmp_path / "mse_rank1.pt")
+    torch.manual_seed(0)
+    searched = _ReluNet("mse")
+    calibrate(searched, union)
+    for key, value in searched.state_dict().items():
+        if "input_quantizer" in key:
+            assert torch.equal(mse0[key], mse1[key]), key
+            torch.testing.assert_close(mse0[key], value)
     # Rank 1's data alone would give a different step, so the statistics really were reduced.
     alone = _ReluNet()
     calibrate(alone, union[1:])
@@ -377,3 +392,58 @@ def test_mse_weight_init_recovers_the_step_of_weights_on_a_grid():
 def test_unknown_weight_step_init_is_rejected():
     with pytest.raises(ValueError, match="Weight step init"):
         LSQWeightQuantizer(2, bits=4, init="percentile")
+
+
+class _Quantize(nn.Module):
+    """One activation quantizer behind calibrate()'s ``pixel_values`` interface."""
+
+    def __init__(self, quantizer: LSQActivationQuantizer) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask=None) -> torch.Tensor:
+        return self.quantizer(pixel_values)
+
+
+def test_mse_activation_init_finds_the_step_of_inputs_on_a_grid(monkeypatch):
+    # Inputs on the 4-bit signed grid with step c, using both extreme levels: only step c quantizes them without
+    # error. LSQ's step is 2 mean|k| c / sqrt(7); put c / (LSQ step) among the candidates and the search must pick it.
+    c = 0.37
+    levels = torch.tensor([-8.0, -5.0, -1.0, 0.0, 2.0, 3.0, 7.0])
+    x = (levels * c).repeat(10)
+    exact = math.sqrt(7) / (2 * levels.abs().mean().item())
+    monkeypatch.setattr(quantization, "MSE_STEP_MULTIPLIERS", [exact * f for f in (0.25, 0.5, 0.9, 1.0, 1.1, 2.0)])
+    model = _Quantize(LSQActivationQuantizer(4, offset_init="mse"))
+    calibrate(model, [x[:35], x[35:]])
+    quantizer = model.quantizer
+    torch.testing.assert_close(quantizer.step, torch.tensor(c), rtol=1e-5, atol=0)
+    assert (quantizer(x) - x).abs().max() < 1e-5
+    lsq = _Quantize(LSQActivationQuantizer(4))
+    calibrate(lsq, [x])
+    assert (lsq(x) - x).abs().max() > 0.01
+
+
+def test_mse_activation_init_refines_8bit_steps_and_keeps_known_ranges():
+    torch.manual_seed(0)
+    data = torch.distributions.Laplace(0.0, 1.0).sample((4, 40_000))  # more values than one batch's sample
+    model = _Quantize(LSQActivationQuantizer(8, offset_init="mse"))
+    lsq = _Quantize(LSQActivationQuantizer(8))
+    calibrate(model, [data[:2], data[2:]])
+    calibrate(lsq, [data[:2], data[2:]])
+    multiplier = (model.quantizer.step / lsq.quantizer.step).item()
+    # LSQ's 8-bit step (2 mean|x| / sqrt(127)) is several times coarser than the error-minimising one.
+    assert multiplier < 0.5 and min(abs(multiplier - m) for m in MSE_STEP_MULTIPLIERS) < 1e-5
+    error, lsq_error = ((q(data) - data).pow(2).mean() for q in (model, lsq))
+    assert error < 0.25 * lsq_error
+    # The softmax quantizer's analytic [0, 1] range is kept, whatever the init.
+    attention = QuantAttention(8, head_dim=4, offset_init="mse")
+    probs = torch.softmax(torch.randn(2, 2, 5, 64), dim=-1)
+    attention.softmax_quantizer.set_from_statistics(probs.abs().mean().item(), probs.min().item(), probs.max().item())
+    assert not attention.softmax_quantizer.searches_step and attention.q_quantizer.searches_step
+    assert attention.softmax_quantizer.step.item() == pytest.approx(1 / 255)
+    assert data[:2].numel() > MSE_SAMPLES_PER_BATCH
+
+
+def test_unknown_activation_init_is_rejected():
+    with pytest.raises(ValueError, match="offset_init"):
+        LSQActivationQuantizer(4, offset_init="percentile")

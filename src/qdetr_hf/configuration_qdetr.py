@@ -6,7 +6,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import DetrConfig
 
 DA_LOCATIONS = ("cross_attention", "self_attention", "both", "none")
-OFFSET_INITS = ("zero", "minmax")
+OFFSET_INITS = ("zero", "minmax", "mse")
 SOFTMAX_INITS = ("unit_range", "lsq")
 WEIGHT_STEP_INITS = ("lsq", "mse")
 ALIGNMENT_INITS = ("unit", "fit")
@@ -59,7 +59,12 @@ class QDetrConfig(DetrConfig):
             Learn an LSQ+ offset in every activation quantizer (the paper's baseline). `False` gives plain LSQ.
         activation_offset_init (`str`, defaults to `"zero"`):
             Initialisation of activation step and offset at calibration. `"zero"`: LSQ step `2 mean|x| / sqrt(Qp)` and
-            zero offset (the paper's stated init); `"minmax"`: LSQ+'s min/max init (project option).
+            zero offset (the paper's stated init); `"minmax"`: LSQ+'s min/max init (project option); `"mse"` (project
+            option): zero offset and, of the LSQ step's multiples in `MSE_STEP_MULTIPLIERS` (0.02-2), the one with the
+            least squared quantization error on the calibration inputs (the quantizers with an analytic range, such as
+            the softmax output's, keep it). LSQ's rule suits 4 bits but sets 8-bit steps 4-10x coarser than needed
+            (q, k, v and the stem input); in the synthetic main job's setting "mse" raised the 1,600-step student
+            from 28.4 to 30.2 AP.
         weight_step_init (`str`, defaults to `"lsq"`):
             Initial weight steps. `"lsq"`: LSQ's `2 mean|w_c| / sqrt(Qp)` per output channel (the paper's);
             `"mse"` (project option): per channel, the clipping point `alpha * max|w_c|` that minimises the weight's

@@ -16,11 +16,17 @@ MAX_BITS = 8
 STEP_EPS = 1e-8
 """Lower bound of every effective step size: the stored step is used as ``|step|`` clamped to this value."""
 
-OffsetInit = Literal["zero", "minmax"]
+OffsetInit = Literal["zero", "minmax", "mse"]
 WeightStepInit = Literal["lsq", "mse"]
 AlignmentInit = Literal["unit", "fit"]
 WEIGHT_STEP_INITS = ("lsq", "mse")
 ALIGNMENT_INITS = ("unit", "fit")
+ACTIVATION_INITS = ("zero", "minmax", "mse")
+MSE_STEP_MULTIPLIERS = torch.logspace(math.log10(0.02), math.log10(2.0), 100).tolist()
+"""Candidate multiples of the LSQ step searched by the ``"mse"`` activation init (project choice: geometric grid, 4.8%
+apart, wide enough for 8-bit inputs, whose error-minimising step is 5-10x below LSQ's)."""
+MSE_SAMPLES_PER_BATCH = 16384
+"""Input values an ``"mse"`` activation quantizer keeps per calibration batch (evenly strided, no RNG)."""
 
 
 def check_bits(bits: Any, name: str = "bits") -> int:
@@ -233,8 +239,10 @@ class LSQActivationQuantizer(_Quantizer):
     Args:
         bits: Bit width in ``[2, 8]``.
         learn_offset: Learn the offset ``z`` (LSQ+). ``False`` gives plain LSQ (offset fixed at zero).
-        offset_init: ``"zero"`` (LSQ step init ``2 mean|x| / sqrt(Qp)``, offset 0) or ``"minmax"`` (LSQ+ min/max init:
-            ``s = (max - min) / (Qp - Qn)``, ``z = min - s * Qn``; only with ``learn_offset``).
+        offset_init: ``"zero"`` (LSQ step init ``2 mean|x| / sqrt(Qp)``, offset 0), ``"minmax"`` (LSQ+ min/max init:
+            ``s = (max - min) / (Qp - Qn)``, ``z = min - s * Qn``; only with ``learn_offset``) or ``"mse"`` (offset 0
+            and the multiple of the LSQ step in ``MSE_STEP_MULTIPLIERS`` with the least quantization error on the
+            calibration inputs, see :func:`calibrate`).
         name: Human-readable location, used in error messages.
         known_range: ``(low, high)`` when the input's range is known analytically (the softmax output's ``(0, 1)``):
             calibration then sets ``s = (high - low) / (Qp - Qn)`` and ``z = low - s Qn`` (``z = 0`` when ``low`` is
@@ -253,8 +261,8 @@ class LSQActivationQuantizer(_Quantizer):
         if known_range is not None and not known_range[0] < known_range[1]:
             raise ValueError(f"known_range must be (low, high) with low < high, got {known_range!r}.")
         self.known_range = known_range
-        if offset_init not in ("zero", "minmax"):
-            raise ValueError(f"offset_init must be 'zero' or 'minmax', got {offset_init!r}.")
+        if offset_init not in ACTIVATION_INITS:
+            raise ValueError(f"offset_init must be one of {ACTIVATION_INITS}, got {offset_init!r}.")
         if offset_init == "minmax" and not learn_offset:
             raise ValueError("offset_init='minmax' needs learn_offset=True (plain LSQ has no offset).")
         self.learn_offset = learn_offset
@@ -320,6 +328,30 @@ class LSQActivationQuantizer(_Quantizer):
         self.calibrated.fill_(True)
         self._cached_range = None
 
+    @property
+    def searches_step(self) -> bool:
+        """Whether calibration refines this quantizer's step by the quantization-error search (``"mse"`` init)."""
+        return self.offset_init == "mse" and self.known_range is None
+
+    @torch.no_grad()
+    def step_errors(self, samples: torch.Tensor) -> torch.Tensor:
+        """Sum of squared quantization errors of ``samples`` at each step ``m * step`` for ``m`` in
+        ``MSE_STEP_MULTIPLIERS`` (current signedness and offset), as a float64 tensor."""
+        qn, qp = self.range()
+        samples = samples.float()
+        step = self.step.detach().float()
+        offset = self.offset.detach().float() if self.learn_offset else None
+        errors = [
+            (lsq_fake_quantize(samples, step * m, offset, qn, qp, 1.0) - samples).pow(2).sum(dtype=torch.float64)
+            for m in MSE_STEP_MULTIPLIERS
+        ]
+        return torch.stack(errors)
+
+    @torch.no_grad()
+    def scale_step(self, multiplier: float) -> None:
+        """Multiply the step by ``multiplier`` (the ``"mse"`` init's chosen candidate)."""
+        self.raw_step.copy_((self.step * multiplier).clamp_min(STEP_EPS))
+
     @torch.no_grad()
     def reset_calibration(self) -> None:
         """Forget the calibration (placeholder step 1, offset 0, signed) so the quantizer must be calibrated again."""
@@ -335,13 +367,16 @@ class LSQActivationQuantizer(_Quantizer):
 
 
 class _RangeObserver:
-    """Accumulates ``sum |x|``, element count, min and max of the tensors an activation quantizer sees."""
+    """Accumulates ``sum |x|``, element count, min and max of the tensors an activation quantizer sees, and keeps up
+    to ``sample_size`` evenly strided values of each (for the ``"mse"`` step search)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sample_size: int = 0) -> None:
         self.sum_abs = 0.0
         self.count = 0
         self.minimum = math.inf
         self.maximum = -math.inf
+        self.sample_size = sample_size
+        self.samples: list[torch.Tensor] = []
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -352,6 +387,9 @@ class _RangeObserver:
         self.count += x.numel()
         self.minimum = min(self.minimum, x.min().item())
         self.maximum = max(self.maximum, x.max().item())
+        if self.sample_size > 0:
+            flat = x.reshape(-1)
+            self.samples.append(flat[:: max(1, flat.numel() // self.sample_size)][: self.sample_size].clone())
 
 
 class QuantLinear(nn.Linear):
@@ -667,7 +705,9 @@ def calibrate(
     ``torch.distributed`` is initialised the statistics are all-reduced (sum, sum, min, max) so every rank ends with
     identical steps whatever its own batches were. Each quantizer then takes its signedness (unsigned when the global
     minimum is ``>= 0``), LSQ step (``2 mean|x| / sqrt(Qp)``) and offset, and is marked calibrated in its persistent
-    ``calibrated`` buffer. Distribution Alignment modules with ``init="fit"`` pass their query through unchanged during
+    ``calibrated`` buffer. A quantizer with the ``"mse"`` init then keeps the multiple of that step (from
+    ``MSE_STEP_MULTIPLIERS``) with the least squared quantization error over values sampled from its calibration
+    inputs (errors all-reduced too, so ranks agree). Distribution Alignment modules with ``init="fit"`` pass their query through unchanged during
     this pass (so the q quantizer is calibrated on the real-valued query), accumulate its statistics (all-reduced
     too) and then take the least-squares ``gamma``/``beta`` (:meth:`DistributionAlignment.fit_from_statistics`).
     Weight quantizers are initialised from the weights at construction/loading time and are not touched here.
@@ -698,7 +738,7 @@ def calibrate(
     if device is None:
         device = next(target.parameters()).device
     was_training = target.training
-    observers = [_RangeObserver() for _ in qs]
+    observers = [_RangeObserver(MSE_SAMPLES_PER_BATCH if q.searches_step else 0) for q in qs]
     for q, obs in zip(qs, observers, strict=True):
         q._observer = obs
     for alignment in alignments:
@@ -751,6 +791,13 @@ def calibrate(
         if count == 0:
             raise ValueError(f"Activation quantizer '{q.name}' saw no data during calibration.")
         q.set_from_statistics(sum_abs / count, minimum, maximum)
+    searching = [(q, obs) for q, obs in zip(qs, observers, strict=True) if q.searches_step]
+    if searching:
+        errors = torch.stack([q.step_errors(torch.cat(obs.samples)) for q, obs in searching]).to(device)
+        if distributed:
+            torch.distributed.all_reduce(errors, op=torch.distributed.ReduceOp.SUM)
+        for (q, _), best in zip(searching, errors.argmin(dim=1).tolist(), strict=True):
+            q.scale_step(MSE_STEP_MULTIPLIERS[best])
     return model
 
 
