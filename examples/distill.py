@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Distil a low-bit quantized DETR student from a real-valued teacher (Q-DETR and friends).
 
-With no arguments it runs the package's main job on a 2-core CPU in about 12 minutes: the small teacher shipped in
+With no arguments it runs the package's main job on a 2-core CPU in about 13 minutes: the small teacher shipped in
 ``examples/teacher-synthetic``, the built-in synthetic shapes data, a 4-4-8 student initialised from the teacher and
 distilled with Q-DETR's DA + DRD. It prints a teacher vs student table and writes the student, its image processor,
 a model card, ``results.json`` and ``detections.png`` to ``--output_dir``.
@@ -137,13 +137,14 @@ class DataArguments(DatasetArguments):
     visualization_threshold: float = field(default=0.5, metadata={"help": "Score threshold of detections.png."})
 
 
-# The main job is a short CPU schedule (at most 15 minutes on 2 cores), so four choices differ from the paper's long
+# The main job is a short CPU schedule (at most 15 minutes on 2 cores), so five choices differ from the paper's long
 # runs, each measured on the synthetic data with DA + DRD: batch 8 rather than 16 for more updates in the same time
 # (2,000 x 8: 28.6 AP against 1,000 x 16: 25.8 AP; 4,000 x 4: 29.1 against 2,400 x 8: 31.5), a learning rate 6x the
 # paper's 1e-4 (1,600 x 8: 28.0 AP at 6e-4, 27.3 at 3e-4, 26.3 with weights at 1e-4), weight steps initialised by
-# the per-channel clipping search (25.8 against 24.8 AP at 1,000 steps) and the DA affine fitted at calibration
-# (1,600 x 8 at 3e-4: 28.2 against 27.3 AP; untrained student 12.1 against 9.0). 2,800 steps keep the whole job
-# within 15 minutes (12 min 21 s measured: 32.2 AP). Every value can be overridden.
+# the per-channel clipping search (25.8 against 24.8 AP at 1,000 steps), the DA affine fitted at calibration
+# (1,600 x 8 at 3e-4: 28.2 against 27.3 AP; untrained student 12.1 against 9.0) and activation steps chosen by their
+# quantization error at calibration (1,600 x 8: 31.4 against 28.4 AP; untrained 15.9 against 12.1). 3,000 steps keep
+# the whole job within 15 minutes (12 min 50 s measured: 34.6 AP). Every value can be overridden.
 MAIN_JOB_DEFAULTS = [
     "--output_dir", "runs/qdetr-synthetic-4bit",
     "--max_steps", "3000",
