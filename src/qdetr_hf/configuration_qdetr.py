@@ -60,7 +60,7 @@ class QDetrConfig(DetrConfig):
         activation_offset_init (`str`, defaults to `"zero"`):
             Initialisation of activation step and offset at calibration. `"zero"`: LSQ step `2 mean|x| / sqrt(Qp)` and
             zero offset (the paper's stated init); `"minmax"`: LSQ+'s min/max init (project option); `"mse"` (project
-            option): zero offset and, of the LSQ step's multiples in `MSE_STEP_MULTIPLIERS` (0.02-2), the one with the
+            option): zero offset and, of the LSQ step's multiples in `MSE_STEP_MULTIPLIERS` (0.02-8), the one with the
             least squared quantization error on the calibration inputs (the quantizers with an analytic range, such as
             the softmax output's, keep it). LSQ's rule suits 4 bits but sets 8-bit steps 4-10x coarser than needed
             (q, k, v and the stem input). In the synthetic main job's setting "mse" raised the calibrated, untrained

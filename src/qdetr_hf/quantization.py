@@ -22,9 +22,10 @@ AlignmentInit = Literal["unit", "fit"]
 WEIGHT_STEP_INITS = ("lsq", "mse")
 ALIGNMENT_INITS = ("unit", "fit")
 ACTIVATION_INITS = ("zero", "minmax", "mse")
-MSE_STEP_MULTIPLIERS = torch.logspace(math.log10(0.02), math.log10(2.0), 100).tolist()
-"""Candidate multiples of the LSQ step searched by the ``"mse"`` activation init (project choice: geometric grid, 4.8%
-apart, wide enough for 8-bit inputs, whose error-minimising step is 5-10x below LSQ's)."""
+MSE_STEP_MULTIPLIERS = torch.logspace(math.log10(0.02), math.log10(8.0), 120).tolist()
+"""Candidate multiples of the LSQ step searched by the ``"mse"`` activation init (project choice: geometric grid, 5.2%
+apart, from 0.02 for 8-bit inputs, whose error-minimising step is 3-8x below LSQ's, to 8 for heavy-tailed 4-bit
+inputs, such as the stem's post-ReLU maps, which want steps above twice LSQ's)."""
 MSE_SAMPLES_PER_BATCH = 16384
 """Input values an ``"mse"`` activation quantizer keeps per calibration batch (evenly strided, no RNG)."""
 
