@@ -143,7 +143,7 @@ class DataArguments(DatasetArguments):
 # paper's 1e-4 (1,600 x 8: 28.0 AP at 6e-4, 27.3 at 3e-4, 26.3 with weights at 1e-4), weight steps initialised by
 # the per-channel clipping search (25.8 against 24.8 AP at 1,000 steps), the DA affine fitted at calibration
 # (1,600 x 8 at 3e-4: 28.2 against 27.3 AP; untrained student 12.1 against 9.0) and activation steps chosen by their
-# quantization error at calibration (1,600 x 8: 31.4 against 28.4 AP; untrained 15.9 against 12.1). 3,000 steps keep
+# quantization error at calibration (1,600 x 8: 31.0 against 28.4 AP; untrained 15.9 against 12.1). 3,000 steps keep
 # the whole job within 15 minutes (12 min 22 s measured: 34.5 AP). Every value can be overridden.
 MAIN_JOB_DEFAULTS = [
     "--output_dir", "runs/qdetr-synthetic-4bit",
