@@ -709,9 +709,10 @@ def calibrate(
     minimum is ``>= 0``), LSQ step (``2 mean|x| / sqrt(Qp)``) and offset, and is marked calibrated in its persistent
     ``calibrated`` buffer. A quantizer with the ``"mse"`` init then keeps the multiple of that step (from
     ``MSE_STEP_MULTIPLIERS``) with the least squared quantization error over values sampled from its calibration
-    inputs (errors all-reduced too, so ranks agree). Distribution Alignment modules with ``init="fit"`` pass their query through unchanged during
-    this pass (so the q quantizer is calibrated on the real-valued query), accumulate its statistics (all-reduced
-    too) and then take the least-squares ``gamma``/``beta`` (:meth:`DistributionAlignment.fit_from_statistics`).
+    inputs (errors all-reduced too, so ranks agree). Distribution Alignment modules with ``init="fit"`` pass their
+    query through unchanged during this pass (so the q quantizer is calibrated on the real-valued query), accumulate
+    its statistics (all-reduced too) and then take the least-squares ``gamma``/``beta``
+    (:meth:`DistributionAlignment.fit_from_statistics`).
     Weight quantizers are initialised from the weights at construction/loading time and are not touched here.
 
     Args:
