@@ -58,6 +58,7 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
     for row in results["rows"].values():
         assert {"AP", "AP50", "AP75", "size_mb", "speedup"} <= set(row)
     assert results["rows"]["student 4-4-8, drd"]["speedup"] > 3
+    assert results["steps"] == 2 and not results["stopped_by_time_limit"]  # the 13-minute default limit is far off
     assert (output_dir / "checkpoint-2").is_dir()
     assert (output_dir / "detections.png").stat().st_size > 0
 
@@ -85,6 +86,7 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
     student_ap = results["rows"]["student 4-4-8, drd"]["AP"]
     assert f"| student 4-4-8, drd | {100 * student_ap:.1f} |" in text
     assert str(tiny_teacher_dir) in text and "4-4-8" in text and "Q-DETR (DA + DRD)" in text
+    assert "| steps | 2 |" in text and "| training time limit (min) | 13.0 |" in text
 
     # What would be uploaded is enough to load the model and run it.
     upload = tmp_path / "upload"
@@ -115,6 +117,19 @@ def test_every_distillation_method_runs_from_the_command_line(tmp_path, tiny_tea
     assert f"student 4-4-8, {method}" in results["rows"]
     assert results["method"] == distill.METHOD_NAMES[method]
     assert QDetrForObjectDetection.from_pretrained(output_dir).is_calibrated
+
+
+@pytest.mark.slow
+def test_the_time_limit_ends_the_main_job_early_and_says_so(tmp_path, tiny_teacher_dir, distill, capsys):
+    output_dir = tmp_path / "limited"
+    args = ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(output_dir), *TINY_RUN]
+    results = distill.main([*args, "--max_steps", "4", "--max_train_minutes", "1e-9", "--num_visualized", "1"])
+    assert results["steps"] == 1 and results["stopped_by_time_limit"]
+    assert (
+        "Training stopped at the 1e-09-minute limit (--max_train_minutes) after 1 of 4 steps."
+        in capsys.readouterr().out
+    )
+    assert (output_dir / "checkpoint-1").is_dir() and QDetrForObjectDetection.from_pretrained(output_dir).is_calibrated
 
 
 def test_bad_method_is_rejected(tiny_teacher_dir, distill, tmp_path):

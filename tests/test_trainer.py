@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from conftest import SHAPES, tiny_detr_kwargs, tiny_training_args
 from torch.utils.data import DataLoader, Dataset
-from transformers import DetrConfig, DetrForObjectDetection, TrainerCallback
+from transformers import DetrConfig, DetrForObjectDetection, TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 from qdetr_hf import QDetrForObjectDetection, calibrate
@@ -19,6 +21,8 @@ from qdetr_hf.trainer import (
     STAGING_DIR,
     QDetrDistillationTrainer,
     QDetrTrainingArguments,
+    TimeLimitCallback,
+    any_process,
     configure_cpu_threads,
     load_teacher,
 )
@@ -306,3 +310,78 @@ def test_configure_cpu_threads_uses_every_core_of_a_single_cpu_process(tmp_path)
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="cpu_threads"):
         QDetrTrainingArguments(output_dir=str(tmp_path), cpu_threads=0)
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_limit_stops_at_the_step_that_uses_up_the_budget(tmp_path):
+    args = QDetrTrainingArguments(output_dir=str(tmp_path), save_strategy="steps", eval_strategy="no", report_to="none")
+    clock = _FakeClock()
+    callback = TimeLimitCallback(1.5, clock=clock)
+    state, control = TrainerState(max_steps=100), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    for step, seconds in [(1, 30.0), (2, 89.9)]:  # 90 s is the budget: not used up yet
+        state.global_step, clock.now = step, 1000.0 + seconds
+        callback.on_step_end(args, state, control)
+        assert not control.should_training_stop and not control.should_save and callback.stopped_at_step is None
+    state.global_step, clock.now = 3, 1090.0
+    callback.on_step_end(args, state, control)
+    assert control.should_training_stop and control.should_save and not control.should_evaluate
+    assert callback.stopped_at_step == 3
+
+    # Another process used its budget up: this one stops at the same step although its own clock has time left.
+    other = TimeLimitCallback(1.5, agree=lambda over: True, clock=clock)
+    state, control = TrainerState(max_steps=100, global_step=1), TrainerControl()
+    other.on_train_begin(args, state, control)
+    other.on_step_end(args, state, control)
+    assert control.should_training_stop and other.stopped_at_step == 1
+
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="minutes"):
+            TimeLimitCallback(bad)
+        with pytest.raises(ValueError, match="max_train_minutes"):
+            QDetrTrainingArguments(output_dir=str(tmp_path), max_train_minutes=bad)
+
+
+def test_max_train_minutes_ends_the_run_with_a_final_checkpoint(tmp_path, student, teacher, tiny_shapes):
+    trainer = make_trainer(
+        tmp_path,
+        student,
+        teacher,
+        tiny_shapes,
+        max_steps=5,
+        save_strategy="steps",
+        save_steps=10,
+        max_train_minutes=1e-9,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1 and trainer.time_limit.stopped_at_step == 1
+    assert get_last_checkpoint(str(tmp_path / "out")) == str(tmp_path / "out" / "checkpoint-1")
+    unlimited = make_trainer(tmp_path / "unlimited", student, teacher, tiny_shapes)
+    assert unlimited.time_limit is None
+
+
+def _any_process_rank(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        # Rank 0 has used its time up, rank 1 has not: both must stop. Neither has: neither stops.
+        decisions = [any_process(rank == 0), any_process(False)]
+        torch.save(decisions, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_time_limit_decision_is_the_same_on_every_process(tmp_path):
+    assert any_process(True) and not any_process(False)  # no process group: unchanged
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_any_process_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    assert torch.load(tmp_path / "rank0.pt") == torch.load(tmp_path / "rank1.pt") == [True, False]

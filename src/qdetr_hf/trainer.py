@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import os
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +17,7 @@ import torch
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 from torch import nn
-from transformers import AutoModelForObjectDetection, PreTrainedModel, Trainer, TrainingArguments
+from transformers import AutoModelForObjectDetection, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
@@ -82,9 +86,22 @@ class QDetrTrainingArguments(TrainingArguments):
         },
     )
 
+    max_train_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop training once this many minutes have passed since this train() call began training "
+            "(checked after every optimizer step, agreed by all processes); the run then ends as at max_steps (final "
+            "checkpoint and evaluation under step strategies). None: no limit (project option)."
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be a positive integer or None, got {self.cpu_threads!r}.")
+        if self.max_train_minutes is not None and not (
+            math.isfinite(self.max_train_minutes) and self.max_train_minutes > 0
+        ):
+            raise ValueError(f"max_train_minutes must be a positive number or None, got {self.max_train_minutes!r}.")
         super().__post_init__()
 
 
@@ -103,6 +120,74 @@ def configure_cpu_threads(args: QDetrTrainingArguments) -> int:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(cores)
     return torch.get_num_threads()
+
+
+def any_process(flag: bool, device: torch.device | str | None = None) -> bool:
+    """``flag`` made the same on every process: True everywhere if it is True on any (a max all-reduce over the
+    default process group, on ``device``: the GPU under NCCL). Without an initialised group it is returned as is."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    if torch.distributed.get_world_size() == 1:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+class TimeLimitCallback(TrainerCallback):
+    """Stop training after a wall-clock budget, at the end of the step that uses it up.
+
+    The clock starts when training begins (``on_train_begin``: after model loading and calibration) and counts this
+    `train()` call only, so a resumed run gets the budget again. The step that crosses the limit completes; training
+    then ends as if ``max_steps`` had been reached (a final checkpoint and evaluation under step strategies), and
+    :attr:`stopped_at_step` records where. Under several processes every rank must stop at the same step, so the
+    decision is the maximum over ranks (one tiny all-reduce per step, through ``agree``: :func:`any_process` in the
+    trainer).
+
+    Args:
+        minutes: The budget, in minutes (> 0).
+        agree: Maps this process's decision to the decision of all processes (default: single process, identity).
+        clock: Seconds from an arbitrary origin (default `time.monotonic`; tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        minutes: float,
+        agree: Callable[[bool], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not (math.isfinite(minutes) and minutes > 0):
+            raise ValueError(f"The time limit must be a positive number of minutes, got {minutes!r}.")
+        self.minutes = minutes
+        self.agree = agree or (lambda over: over)
+        self.clock = clock
+        self.started: float | None = None
+        self.stopped_at_step: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = self.clock()
+        self.stopped_at_step = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.started is None or control.should_training_stop:
+            return
+        if not self.agree(self.clock() - self.started >= 60.0 * self.minutes):
+            return
+        control.should_training_stop = True
+        # What `DefaultFlowCallback` does at max_steps: a final step-strategy save and evaluation (epoch strategies
+        # act at the end of the interrupted epoch).
+        if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps":
+            control.should_save = True
+        if (
+            str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "steps"
+            and args.eval_delay <= state.global_step
+        ):
+            control.should_evaluate = True
+        self.stopped_at_step = state.global_step
+        logger.warning(
+            f"max_train_minutes={self.minutes:g} reached after {state.global_step} of {state.max_steps} steps: "
+            "training stops here."
+        )
 
 
 def load_teacher(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
@@ -132,6 +217,9 @@ class QDetrDistillationTrainer(Trainer):
     The teacher is frozen (``requires_grad_(False)``, eval mode), is not a submodule of the student, and is placed by
     Accelerate with ``prepare_model(..., evaluation_mode=True)`` (device and mixed-precision autocast, no DDP wrap).
     Teacher and student label spaces are checked at construction.
+
+    With ``args.max_train_minutes`` set, a :class:`TimeLimitCallback` (:attr:`time_limit`) ends training once that
+    wall-clock budget is used up, whatever ``max_steps`` says.
 
     Before the first step of a fresh run, an uncalibrated quantized student is calibrated on
     ``args.calibration_batches`` training batches (statistics all-reduced across processes). Checkpoints are written
@@ -183,6 +271,11 @@ class QDetrDistillationTrainer(Trainer):
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
         self.model_card_data: Any = None
+        self.time_limit: TimeLimitCallback | None = None
+        minutes = getattr(self.args, "max_train_minutes", None)
+        if minutes is not None:
+            self.time_limit = TimeLimitCallback(minutes, agree=functools.partial(any_process, device=self.args.device))
+            self.add_callback(self.time_limit)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
@@ -483,4 +576,11 @@ def _fix_detection_arguments(args: TrainingArguments) -> None:
         args.eval_do_concat_batches = False
 
 
-__all__ = ["QDetrDistillationTrainer", "QDetrTrainingArguments", "files_to_push", "load_teacher"]
+__all__ = [
+    "QDetrDistillationTrainer",
+    "QDetrTrainingArguments",
+    "TimeLimitCallback",
+    "any_process",
+    "files_to_push",
+    "load_teacher",
+]
