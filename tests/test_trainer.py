@@ -1,4 +1,4 @@
-"""QDetrDistillationTrainer: frozen teacher, logged terms, gradient accumulation, bf16, calibration, resume."""
+"""QDetrDistillationTrainer: frozen teacher, logged terms, gradient accumulation, bf16, calibration, resume, time limit."""
 
 from __future__ import annotations
 
@@ -334,6 +334,19 @@ def test_time_limit_stops_at_the_step_that_uses_up_the_budget(tmp_path):
     callback.on_step_end(args, state, control)
     assert control.should_training_stop and control.should_save and not control.should_evaluate
     assert callback.stopped_at_step == 3
+
+    # A step-strategy evaluation runs at the stop, as it does at max_steps; nothing happens before training began.
+    evaluating = QDetrTrainingArguments(
+        output_dir=str(tmp_path), eval_strategy="steps", eval_steps=50, report_to="none"
+    )
+    state, control = TrainerState(max_steps=100, global_step=7), TrainerControl()
+    late = TimeLimitCallback(1.5, clock=clock)
+    late.on_step_end(evaluating, state, control)
+    assert not control.should_training_stop
+    late.on_train_begin(evaluating, state, control)
+    clock.now += 90.0
+    late.on_step_end(evaluating, state, control)
+    assert control.should_training_stop and control.should_evaluate and late.stopped_at_step == 7
 
     # Another process used its budget up: this one stops at the same step although its own clock has time left.
     other = TimeLimitCallback(1.5, agree=lambda over: True, clock=clock)
