@@ -58,7 +58,7 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
     for row in results["rows"].values():
         assert {"AP", "AP50", "AP75", "size_mb", "speedup"} <= set(row)
     assert results["rows"]["student 4-4-8, drd"]["speedup"] > 3
-    assert results["steps"] == 2 and not results["stopped_by_time_limit"]  # the 13-minute default limit is far off
+    assert results["steps"] == 2 and not results["stopped_by_time_limit"]
     assert (output_dir / "checkpoint-2").is_dir()
     assert (output_dir / "detections.png").stat().st_size > 0
 
@@ -86,7 +86,8 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
     student_ap = results["rows"]["student 4-4-8, drd"]["AP"]
     assert f"| student 4-4-8, drd | {100 * student_ap:.1f} |" in text
     assert str(tiny_teacher_dir) in text and "4-4-8" in text and "Q-DETR (DA + DRD)" in text
-    assert "| steps | 2 |" in text and "| training time limit (min) | 13.0 |" in text
+    # --max_steps on the command line dropped the main job's 13-minute limit.
+    assert "| steps | 2 |" in text and "training time limit" not in text
 
     # What would be uploaded is enough to load the model and run it.
     upload = tmp_path / "upload"
@@ -130,6 +131,26 @@ def test_the_time_limit_ends_the_main_job_early_and_says_so(tmp_path, tiny_teach
         in capsys.readouterr().out
     )
     assert (output_dir / "checkpoint-1").is_dir() and QDetrForObjectDetection.from_pretrained(output_dir).is_calibrated
+
+
+def test_the_main_jobs_time_limit_gives_way_to_an_explicit_step_budget(distill):
+    assert distill.run_time_limit([], 13.0) == 13.0  # the main job
+    assert distill.run_time_limit(["--distillation", "qskd"], 13.0) == 13.0  # a variant of it
+    assert distill.run_time_limit(["--max_steps", "50000"], 13.0) is None  # a run with its own step budget
+    assert distill.run_time_limit(["--max_steps=6000"], 13.0) is None
+    assert distill.run_time_limit(["--max_steps", "6000", "--max_train_minutes", "30"], 30.0) == 30.0
+
+
+@pytest.mark.slow
+def test_two_stages_share_the_time_limit(tmp_path, tiny_teacher_dir, distill):
+    output_dir = tmp_path / "two-stage-limited"
+    args = ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(output_dir), *TINY_RUN]
+    results = distill.main([*args, "--two_stage", "true", "--max_steps", "8", "--max_train_minutes", "1e-9"])
+    stage1_state = json.loads((output_dir / "_stage1" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert stage1_state["global_step"] == 1  # stage 1 used the budget up after one step ...
+    assert results["steps"] == 1 and results["stopped_by_time_limit"]  # ... and stage 2 got what was left: one step
+    # Stage 2's limit is the remainder (floored at 1e-6 minutes), not a fresh 1e-9-minute budget.
+    assert "| training time limit (min) | 1e-06 |" in (output_dir / "README.md").read_text()
 
 
 def test_bad_method_is_rejected(tiny_teacher_dir, distill, tmp_path):
