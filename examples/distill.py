@@ -172,7 +172,10 @@ MAIN_JOB_DEFAULTS = [
 
 
 def _sets(argv: list[str], flag: str) -> bool:
-    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+    """Whether ``argv`` sets ``flag`` (``--max_steps``), in any spelling HfArgumentParser accepts (``--max-steps``,
+    ``--max_steps=N``)."""
+    name = flag.lstrip("-").replace("-", "_")
+    return any(arg.startswith("--") and arg[2:].split("=", 1)[0].replace("-", "_") == name for arg in argv)
 
 
 def run_time_limit(user_argv: list[str], max_train_minutes: float | None) -> float | None:

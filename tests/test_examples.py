@@ -138,6 +138,8 @@ def test_the_main_jobs_time_limit_gives_way_to_an_explicit_step_budget(distill):
     assert distill.run_time_limit(["--distillation", "qskd"], 13.0) == 13.0  # a variant of it
     assert distill.run_time_limit(["--max_steps", "50000"], 13.0) is None  # a run with its own step budget
     assert distill.run_time_limit(["--max_steps=6000"], 13.0) is None
+    assert distill.run_time_limit(["--max-steps", "6000"], 13.0) is None  # HfArgumentParser's dashed alias
+    assert distill.run_time_limit(["--max-steps", "6000", "--max-train-minutes", "30"], 30.0) == 30.0
     assert distill.run_time_limit(["--max_steps", "6000", "--max_train_minutes", "30"], 30.0) == 30.0
 
 
