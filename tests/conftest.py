@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,13 @@ TINY_DETR = {
     "num_labels": 3,
     "dropout": 0.0,
 }
+
+
+def free_port() -> int:
+    """A free local TCP port for a test's gloo process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def tiny_detr_kwargs(**overrides) -> dict:

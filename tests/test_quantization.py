@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch import nn
 from transformers.models.detr.modeling_detr import eager_attention_forward
 
@@ -216,12 +216,6 @@ def test_calibration_rejects_empty_input():
         calibrate(_ReluNet(), [])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _calibrate_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -243,7 +237,7 @@ def _calibrate_rank(rank: int, world_size: int, port: int, out_dir: str) -> None
 
 
 def test_distributed_calibration_gives_identical_steps_on_every_rank(tmp_path):
-    mp.spawn(_calibrate_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_calibrate_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")
     assert rank0.keys() == rank1.keys()

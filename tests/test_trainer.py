@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import SHAPES, tiny_detr_kwargs, tiny_training_args
+from conftest import SHAPES, free_port, tiny_detr_kwargs, tiny_training_args
 from torch.utils.data import DataLoader, Dataset
 from transformers import DetrConfig, DetrForObjectDetection, TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
@@ -393,8 +392,5 @@ def _any_process_rank(rank: int, port: int, out_dir: str) -> None:
 
 def test_the_time_limit_decision_is_the_same_on_every_process(tmp_path):
     assert any_process(True) and not any_process(False)  # no process group: unchanged
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_any_process_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_any_process_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     assert torch.load(tmp_path / "rank0.pt") == torch.load(tmp_path / "rank1.pt") == [True, False]

@@ -176,12 +176,9 @@ class TimeLimitCallback(TrainerCallback):
         control.should_training_stop = True
         # What `DefaultFlowCallback` does at max_steps: a final step-strategy save and evaluation (epoch strategies
         # act at the end of the interrupted epoch).
-        if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps":
+        if args.save_strategy == "steps":  # str enums: equal to their value
             control.should_save = True
-        if (
-            str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "steps"
-            and args.eval_delay <= state.global_step
-        ):
+        if args.eval_strategy == "steps" and args.eval_delay <= state.global_step:
             control.should_evaluate = True
         self.stopped_at_step = state.global_step
         logger.warning(
