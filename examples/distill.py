@@ -22,7 +22,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from qdetr_hf import QDetrForObjectDetection, calibrate
 from qdetr_hf.data import DatasetArguments, DetrCollator, default_image_processor
-from qdetr_hf.distillers import Distiller, DRDDistiller, IDaDetDistiller, KDDETRDistiller, QSKDDistiller
+from qdetr_hf.distillers import (
+    CombinedDistiller,
+    Distiller,
+    DRDDistiller,
+    IDaDetDistiller,
+    KDDETRDistiller,
+    QSKDDistiller,
+)
 from qdetr_hf.efficiency import efficiency_report
 from qdetr_hf.metrics import make_compute_metrics, post_process_detections
 from qdetr_hf.model_card import ModelCardData
@@ -100,7 +107,13 @@ class ModelArguments:
 class DistillationArguments:
     """Distillation method and its hyper-parameters (defaults: Q-DETR paper)."""
 
-    distillation: str = field(default="drd", metadata={"help": f"One of {', '.join(DISTILLATION_METHODS)}."})
+    distillation: str = field(
+        default="drd",
+        metadata={
+            "help": f"One of {', '.join(DISTILLATION_METHODS)}, or several joined by '+' to sum their losses "
+            "(e.g. drd+qskd)."
+        },
+    )
     drd_tau: float = field(default=0.6, metadata={"help": "FQM selection threshold τ (paper: 0.6)."})
     drd_weight: float = field(default=2.5, metadata={"help": "λ of L_GT + λ L_DRD (paper: 2.5)."})
     drd_match_giou_weight: float = field(default=2.0, metadata={"help": "μ1 of the teacher pairing (paper: 2)."})
@@ -186,10 +199,37 @@ def run_time_limit(user_argv: list[str], max_train_minutes: float | None) -> flo
     return max_train_minutes
 
 
+def distillation_methods(value: str) -> tuple[str, ...]:
+    """The methods named by ``--distillation``: one of :data:`DISTILLATION_METHODS` or several joined by ``+``.
+
+    Raises:
+        ValueError: On an unknown or repeated method, or ``none`` inside a combination.
+    """
+    methods = tuple(value.split("+"))
+    unknown = [m for m in methods if m not in DISTILLATION_METHODS]
+    if unknown:
+        raise ValueError(
+            f"--distillation must be one of {DISTILLATION_METHODS} or several joined by '+', got {value!r}"
+        )
+    if len(methods) > 1 and ("none" in methods or len(set(methods)) != len(methods)):
+        raise ValueError(f"--distillation combines distinct methods other than 'none' (e.g. drd+qskd), got {value!r}")
+    return methods
+
+
+def method_name(value: str) -> str:
+    """The model-card name of ``--distillation`` (methods joined by ``' + '``)."""
+    return " + ".join(METHOD_NAMES[m] for m in distillation_methods(value))
+
+
 def build_distiller(
     args: DistillationArguments, student_dim: int | None = None, teacher_dim: int | None = None
 ) -> Distiller | None:
-    """The distiller selected by ``--distillation`` (``student_dim``/``teacher_dim``: d_model of the two models)."""
+    """The distiller selected by ``--distillation`` (``student_dim``/``teacher_dim``: d_model of the two models);
+    a :class:`~qdetr_hf.distillers.CombinedDistiller` for several methods joined by ``+``."""
+    methods = distillation_methods(args.distillation)
+    if len(methods) > 1:
+        parts = [build_distiller(replace(args, distillation=m), student_dim, teacher_dim) for m in methods]
+        return CombinedDistiller(parts)
     if args.distillation == "none":
         return None
     if args.distillation == "drd":
@@ -338,8 +378,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not training_args.should_log:
         logging.getLogger().setLevel(logging.WARNING)
-    if distill_args.distillation not in DISTILLATION_METHODS:
-        parser.error(f"--distillation must be one of {DISTILLATION_METHODS}, got {distill_args.distillation!r}")
+    try:
+        distillation_methods(distill_args.distillation)
+    except ValueError as error:
+        parser.error(str(error))
     set_seed(training_args.seed)
     logger.info(f"PyTorch uses {configure_cpu_threads(training_args)} CPU thread(s) per process")
     started = time.time()
@@ -401,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher_eff = efficiency_report(teacher, image_size)
     student_eff = efficiency_report(trainer.model, image_size)
     bits = trainer.model.config.bit_notation
-    method = METHOD_NAMES[distill_args.distillation]
+    method = method_name(distill_args.distillation)
     if distill_args.distillation == "drd" and model_args.distribution_alignment == "none":
         method = "DRD distillation without DA"
     student_row = f"student {bits}, {distill_args.distillation}"

@@ -16,6 +16,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoImageProcessor, DetrConfig, DetrForObjectDetection
 
 from qdetr_hf import DistributionAlignment, QDetrForObjectDetection
+from qdetr_hf.distillers import CombinedDistiller
 from qdetr_hf.trainer import files_to_push
 
 TINY_RUN = [
@@ -110,13 +111,13 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["qskd", "kd_detr", "ida", "none"])
+@pytest.mark.parametrize("method", ["qskd", "kd_detr", "ida", "none", "drd+qskd"])
 def test_every_distillation_method_runs_from_the_command_line(tmp_path, tiny_teacher_dir, distill, method):
     output_dir = tmp_path / method
     args = ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(output_dir), *TINY_RUN]
     results = distill.main([*args, "--distillation", method, "--num_visualized", "1"])
     assert f"student 4-4-8, {method}" in results["rows"]
-    assert results["method"] == distill.METHOD_NAMES[method]
+    assert results["method"] == distill.method_name(method)
     assert QDetrForObjectDetection.from_pretrained(output_dir).is_calibrated
 
 
@@ -155,7 +156,27 @@ def test_two_stages_share_the_time_limit(tmp_path, tiny_teacher_dir, distill):
     assert "| training time limit (min) | 1e-06 |" in (output_dir / "README.md").read_text()
 
 
-def test_bad_method_is_rejected(tiny_teacher_dir, distill, tmp_path):
+def test_methods_combine_with_a_plus(distill):
+    assert distill.distillation_methods("drd") == ("drd",)
+    assert distill.distillation_methods("drd+qskd") == ("drd", "qskd")
+    assert distill.method_name("drd+kd_detr") == f"{distill.METHOD_NAMES['drd']} + {distill.METHOD_NAMES['kd_detr']}"
+    args = distill.DistillationArguments(distillation="drd+qskd", drd_weight=1.5, qskd_feature_weight=0.5)
+    combined = distill.build_distiller(args, 128, 128)
+    assert isinstance(combined, CombinedDistiller) and combined.name == "drd+qskd"
+    drd, qskd = combined.distillers
+    assert drd.weight == 1.5 and qskd.feature_weight == 0.5  # each part keeps its own flags
+    for bad, message in [
+        ("drd+foo", "must be one of"),
+        ("drd+drd", "distinct methods"),
+        ("none+drd", "other than 'none'"),
+        ("drd+", "must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            distill.distillation_methods(bad)
+
+
+@pytest.mark.parametrize("method", ["x", "drd+drd"])
+def test_bad_method_is_rejected(tiny_teacher_dir, distill, tmp_path, method):
     with pytest.raises(SystemExit):
         distill.main(
             [
@@ -164,7 +185,7 @@ def test_bad_method_is_rejected(tiny_teacher_dir, distill, tmp_path):
                 "--output_dir",
                 str(tmp_path),
                 "--distillation",
-                "x",
+                method,
             ]
         )
 

@@ -1,6 +1,7 @@
 """Distillation methods between a frozen teacher DETR and a quantized student."""
 
 from qdetr_hf.distillers.base import (
+    CombinedDistiller,
     DetectorOutputs,
     Distiller,
     capture_co_attended_features,
@@ -64,6 +65,7 @@ __all__ = [
     "DISTILLERS",
     "GENERAL_DISTRIBUTIONS",
     "QUERY_WEIGHTINGS",
+    "CombinedDistiller",
     "DRDDistiller",
     "DetectorOutputs",
     "Distiller",

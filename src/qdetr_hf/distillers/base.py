@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -81,6 +81,68 @@ class Distiller(nn.Module):
             Named terms; ``loss_*`` entries are weighted loss terms, the rest are logged statistics.
         """
         raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+class CombinedDistiller(Distiller):
+    """Several distillation methods at once: the union of what they read, the sum of their loss terms.
+
+    ``CombinedDistiller([DRDDistiller(), QSKDDistiller()])`` runs each method on the same forward passes and returns
+    all their terms (each method's ``loss_*`` terms keep their own weights; the trainer adds them all to the
+    ground-truth loss). Each method sees only the co-attended layers it asked for, so DRD on the last layer and
+    IDa-Det on all layers can be combined. A project addition, not from any of the papers: it lets users measure
+    whether two methods' signals add up (``examples/distill.py --distillation drd+qskd``).
+
+    Args:
+        distillers: Two or more distillers with different names whose term names do not collide.
+
+    Raises:
+        ValueError: With fewer than two distillers, a repeated method, or (when called) two methods returning
+            the same term name.
+    """
+
+    def __init__(self, distillers: Sequence[Distiller]) -> None:
+        super().__init__()
+        distillers = list(distillers)
+        if len(distillers) < 2:
+            raise ValueError(f"CombinedDistiller needs at least two distillers, got {len(distillers)}.")
+        names = [d.name for d in distillers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"CombinedDistiller got the same method twice: {names}.")
+        self.distillers = nn.ModuleList(distillers)
+        self.name = "+".join(names)
+        self.co_attended_layers = tuple(dict.fromkeys(i for d in distillers for i in d.co_attended_layers))
+        self.needs_attentions = any(d.needs_attentions for d in distillers)
+        self.needs_hidden_states = any(d.needs_hidden_states for d in distillers)
+        self.needs_decoder_inputs = any(d.needs_decoder_inputs for d in distillers)
+
+    def _view(self, outputs: DetectorOutputs, layers: tuple[int, ...]) -> DetectorOutputs:
+        """``outputs`` with only the co-attended features of ``layers`` (Python indices)."""
+        if set(layers) == set(self.co_attended_layers):
+            return outputs
+        if outputs.model is None:
+            raise ValueError(
+                "CombinedDistiller gives each method its own decoder layers, which needs DetectorOutputs.model."
+            )
+        keep = resolve_layers(layers, len(decoder_layers(outputs.model))) if layers else ()
+        return replace(outputs, co_attended={i: f for i, f in outputs.co_attended.items() if i in keep})
+
+    def forward(
+        self, student: DetectorOutputs, teacher: DetectorOutputs, labels: Sequence[dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {}
+        for distiller in self.distillers:
+            layers = distiller.co_attended_layers
+            part = distiller(self._view(student, layers), self._view(teacher, layers), labels)
+            clash = sorted(set(part) & set(terms))
+            if clash:
+                raise ValueError(
+                    f"CombinedDistiller: '{distiller.name}' returns terms another method returns: {clash}."
+                )
+            terms.update(part)
+        return terms
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
