@@ -144,9 +144,6 @@ class CombinedDistiller(Distiller):
             terms.update(part)
         return terms
 
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}"
-
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a transformers DETR-style detection model (``model.model.decoder.layers``)."""
