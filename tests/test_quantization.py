@@ -216,6 +216,80 @@ def test_calibration_rejects_empty_input():
         calibrate(_ReluNet(), [])
 
 
+def _calibration_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "input_quantizer" in k or "alignment" in k}
+
+
+def test_calibration_rejects_non_finite_statistics_and_marks_nothing_calibrated():
+    torch.manual_seed(0)
+    data = torch.randn(6, 4)
+    nan_pixel = data.clone()
+    nan_pixel[2, 1] = float("nan")
+    net = _ReluNet()
+    before = _calibration_state(net)
+    with pytest.raises(ValueError, match=r"non-finite.*'first'.*'second'.*nothing was calibrated"):
+        calibrate(net, [data, nan_pixel])
+    assert not any(bool(q.input_quantizer.calibrated) for q in (net.first, net.second))
+    for key, value in _calibration_state(net).items():
+        assert torch.equal(value, before[key]), key
+    # A calibrated model keeps its calibration when a re-calibration fails; an inf with the min/max init (which
+    # would give an infinite step) is refused the same way.
+    calibrate(net, [data])
+    calibrated = _calibration_state(net)
+    infinite = data.clone()
+    infinite[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="'first'"):
+        calibrate(net, [infinite])
+    for key, value in _calibration_state(net).items():
+        assert torch.equal(value, calibrated[key]), key
+    minmax = _ReluNet("minmax")
+    with pytest.raises(ValueError, match="non-finite"):
+        calibrate(minmax, [infinite])
+    assert not is_calibrated(minmax)
+    # A fitted Distribution Alignment is not marked calibrated by the failed call either.
+    alignment = DistributionAlignment(head_dim=4, init="fit")
+    with pytest.raises(ValueError, match="non-finite"):
+        calibrate(_AlignOnly(alignment), [nan_pixel.reshape(1, 1, 6, 4)])
+    assert not bool(alignment.calibrated)
+
+
+def test_calibration_of_a_detector_names_the_stem_for_a_nan_pixel(tiny_teacher_dir):
+    from qdetr_hf import QDetrForObjectDetection
+
+    model = QDetrForObjectDetection.from_pretrained(tiny_teacher_dir)
+    images = torch.randn(2, 3, 64, 64)
+    images[1, 0, 10, 20] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite.*'model\.backbone\.model\.conv1\.0'"):
+        calibrate(model, [images])
+    assert not any(bool(q.calibrated) for q in quantization.activation_quantizers(model))
+
+
+def test_calibration_warns_about_degenerate_statistics(recwarn):
+    torch.manual_seed(0)
+    net = _ReluNet()
+    with torch.no_grad():
+        net.first.bias.copy_(torch.linspace(-1.0, 1.0, 8))
+    # All-zero inputs: the first layer sees a constant (its step falls to the floor); the second layer's input is
+    # relu(bias), which still varies across features.
+    with pytest.warns(UserWarning, match=r"degenerate.*'first' \(constant input 0\)") as caught:
+        calibrate(net, [torch.zeros(3, 4)])
+    messages = [str(w.message) for w in caught if "degenerate" in str(w.message)]
+    assert len(messages) == 1 and "'second'" not in messages[0]
+    assert is_calibrated(net)  # a warning, not an error: the model can still be used
+    # Healthy data: no warning.
+    recwarn.clear()
+    calibrate(_ReluNet(), [torch.randn(5, 4)])
+    assert not [w for w in recwarn if "degenerate" in str(w.message)]
+
+
+def test_calibration_of_a_detector_on_blank_images_warns_about_the_stem(tiny_teacher_dir):
+    from qdetr_hf import QDetrForObjectDetection
+
+    model = QDetrForObjectDetection.from_pretrained(tiny_teacher_dir)
+    with pytest.warns(UserWarning, match=r"degenerate.*'model\.backbone\.model\.conv1\.0' \(constant input"):
+        calibrate(model, [torch.zeros(2, 3, 64, 64)])
+
+
 def _calibrate_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)

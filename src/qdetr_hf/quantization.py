@@ -369,12 +369,14 @@ class LSQActivationQuantizer(_Quantizer):
 
 
 class _RangeObserver:
-    """Accumulates ``sum |x|``, element count, min and max of the tensors an activation quantizer sees, and keeps up
-    to ``sample_size`` evenly strided values of each (for the ``"mse"`` step search)."""
+    """Accumulates ``sum |x|``, element count, min and max of the finite values an activation quantizer sees and the
+    number of non-finite ones (NaN, +-inf), and keeps up to ``sample_size`` evenly strided values of each tensor (for
+    the ``"mse"`` step search)."""
 
     def __init__(self, sample_size: int = 0) -> None:
         self.sum_abs = 0.0
         self.count = 0
+        self.non_finite = 0
         self.minimum = math.inf
         self.maximum = -math.inf
         self.sample_size = sample_size
@@ -385,10 +387,21 @@ class _RangeObserver:
         x = x.detach().float()
         if x.numel() == 0:
             return
-        self.sum_abs += x.abs().sum().item()
+        finite = torch.isfinite(x)
+        # One host transfer for the four statistics; non-finite values are counted, not folded into the range.
+        sum_abs, minimum, maximum, non_finite = torch.stack(
+            [
+                torch.where(finite, x.abs(), 0.0).sum(),
+                torch.where(finite, x, math.inf).min(),
+                torch.where(finite, x, -math.inf).max(),
+                (~finite).sum().float(),
+            ]
+        ).tolist()
+        self.sum_abs += sum_abs
         self.count += x.numel()
-        self.minimum = min(self.minimum, x.min().item())
-        self.maximum = max(self.maximum, x.max().item())
+        self.non_finite += int(non_finite)
+        self.minimum = min(self.minimum, minimum)
+        self.maximum = max(self.maximum, maximum)
         if self.sample_size > 0:
             flat = x.reshape(-1)
             self.samples.append(flat[:: max(1, flat.numel() // self.sample_size)][: self.sample_size].clone())
@@ -715,6 +728,12 @@ def calibrate(
     (:meth:`DistributionAlignment.fit_from_statistics`).
     Weight quantizers are initialised from the weights at construction/loading time and are not touched here.
 
+    Bad calibration data is caught here, once, rather than in the training steps: if any quantizer (or fitted DA)
+    saw a NaN or infinite value (a NaN pixel spreads through the whole network), a ``ValueError`` names them in
+    module order, so the first name is where the non-finite values entered, and nothing is initialised or marked
+    calibrated. A quantizer whose statistics are degenerate (constant input, e.g. blank images, so no range to fit,
+    or a step at the ``STEP_EPS`` floor) is calibrated but named in one ``UserWarning``.
+
     Args:
         model: A model containing LSQ quantizers (e.g. ``QDetrForObjectDetection``); may be DDP-wrapped.
         batches: Iterable of DETR batches (dicts with ``pixel_values`` and optional ``pixel_mask``) or image tensors.
@@ -728,8 +747,10 @@ def calibrate(
         The same model, calibrated.
 
     Raises:
-        ValueError: If no batch was given or a quantizer saw no data.
+        ValueError: If no batch was given, a quantizer saw no data, or a quantizer or DA saw NaN/inf values.
     """
+    import warnings
+
     target = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
     qs = activation_quantizers(target)
     alignments = _fitted_alignments(target)
@@ -770,29 +791,53 @@ def calibrate(
     if num_batches == 0:
         raise ValueError("calibrate() received no batches: pass at least one batch of real images.")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    for alignment, sums in zip(alignments, alignment_sums, strict=True):
-        sums = sums.to(device)
-        if distributed:
-            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
-        alignment.fit_from_statistics(sums.cpu())
-    if not qs:
-        return model
-
-    stats = torch.tensor(
-        [[o.sum_abs, float(o.count), o.minimum, o.maximum] for o in observers], dtype=torch.float64, device=device
-    )
+    # Reduce (and check) every statistic before anything is initialised, so a failed call leaves the model as it was.
+    alignment_sums = [sums.to(device) for sums in alignment_sums]
     if distributed:
-        sums = stats[:, :2].contiguous()
-        mins = stats[:, 2].contiguous()
-        maxs = stats[:, 3].contiguous()
+        for sums in alignment_sums:
+            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+    stats = torch.tensor(
+        [[o.sum_abs, float(o.count), float(o.non_finite), o.minimum, o.maximum] for o in observers],
+        dtype=torch.float64,
+        device=device,
+    ).reshape(len(qs), 5)
+    if distributed and qs:
+        sums = stats[:, :3].contiguous()
+        mins = stats[:, 3].contiguous()
+        maxs = stats[:, 4].contiguous()
         torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
         torch.distributed.all_reduce(mins, op=torch.distributed.ReduceOp.MIN)
         torch.distributed.all_reduce(maxs, op=torch.distributed.ReduceOp.MAX)
         stats = torch.cat([sums, mins[:, None], maxs[:, None]], dim=1)
     stats = stats.cpu().tolist()
-    for q, (sum_abs, count, minimum, maximum) in zip(qs, stats, strict=True):
+    names = {id(m): name for name, m in target.named_modules()}
+
+    def _listing(items: list[str], limit: int = 8) -> str:
+        return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+    non_finite = [
+        f"'{q.name}' ({int(bad)} of {int(count)} values)" for q, (_, count, bad, _, _) in zip(qs, stats) if bad
+    ]
+    non_finite += [
+        f"distribution alignment '{names.get(id(a), '?')}'"
+        for a, sums in zip(alignments, alignment_sums)
+        if not bool(torch.isfinite(sums).all())
+    ]
+    if non_finite:
+        raise ValueError(
+            f"calibrate(): non-finite (NaN or infinite) activations reached {len(non_finite)} quantizer(s), listed in "
+            f"module order (the first is where they entered): {_listing(non_finite)}. Check the calibration batches "
+            "for NaN/inf pixels (or the model for overflow); nothing was calibrated."
+        )
+    for q, (_, count, *_) in zip(qs, stats, strict=True):
         if count == 0:
-            raise ValueError(f"Activation quantizer '{q.name}' saw no data during calibration.")
+            raise ValueError(f"Activation quantizer '{q.name}' saw no data during calibration (nothing calibrated).")
+
+    for alignment, sums in zip(alignments, alignment_sums, strict=True):
+        alignment.fit_from_statistics(sums.cpu())
+    if not qs:
+        return model
+    for q, (sum_abs, count, _, minimum, maximum) in zip(qs, stats, strict=True):
         q.set_from_statistics(sum_abs / count, minimum, maximum)
     searching = [(q, obs) for q, obs in zip(qs, observers, strict=True) if q.searches_step]
     if searching:
@@ -801,6 +846,28 @@ def calibrate(
             torch.distributed.all_reduce(errors, op=torch.distributed.ReduceOp.SUM)
         for (q, _), best in zip(searching, errors.argmin(dim=1).tolist(), strict=True):
             q.scale_step(MSE_STEP_MULTIPLIERS[best])
+
+    # Degenerate statistics give a usable but meaningless quantizer: calibrated, and named in one warning. A known
+    # (analytic) range does not depend on the statistics.
+    steps = torch.stack([q.step.detach().reshape(()) for q in qs]).double().cpu().tolist()
+    degenerate = []
+    for q, (_, _, _, minimum, maximum), step in zip(qs, stats, steps, strict=True):
+        if q.known_range is not None:
+            continue
+        if minimum == maximum:
+            degenerate.append(f"'{q.name}' (constant input {minimum:g})")
+        elif step <= 2 * STEP_EPS:
+            degenerate.append(
+                f"'{q.name}' (step {step:.3g} at the STEP_EPS floor; input range [{minimum:g}, {maximum:g}])"
+            )
+    if degenerate:
+        warnings.warn(
+            f"calibrate(): degenerate statistics for {len(degenerate)} of {len(qs)} activation quantizer(s), listed "
+            f"in module order: {_listing(degenerate)}. They were calibrated, but their steps fit no real range: "
+            "calibrate on real, varied images (not blank or constant ones).",
+            UserWarning,
+            stacklevel=2,
+        )
     return model
 
 
