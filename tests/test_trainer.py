@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -262,6 +263,11 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, student, tea
     assert steps == [1, 2, 3, 4] and resumed.state.global_step == 4
     for (key, value), expected in zip(resumed.model.state_dict().items(), reference.model.state_dict().values()):
         torch.testing.assert_close(value, expected, msg=key)
+    # Checkpoints hold the float latent weights (what resuming exactly needs); the final model is packed.
+    checkpoint_config = json.loads((output_dir / "checkpoint-4" / "config.json").read_text())
+    assert checkpoint_config["weight_packing"] is None
+    resumed.save_model(str(tmp_path / "final"))
+    assert json.loads((tmp_path / "final" / "config.json").read_text())["weight_packing"]["layers"]
 
 
 def test_a_failed_save_leaves_no_checkpoint_behind(tmp_path, student, teacher, tiny_shapes, monkeypatch):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from huggingface_hub.dataclasses import strict
 from transformers import DetrConfig
 
@@ -10,6 +13,50 @@ OFFSET_INITS = ("zero", "minmax", "mse")
 SOFTMAX_INITS = ("unit_range", "lsq")
 WEIGHT_STEP_INITS = ("lsq", "mse")
 ALIGNMENT_INITS = ("unit", "fit")
+
+
+PACKING_FORMAT = "qdetr-dense-bitpacked"
+"""Name of the packing written into ``config.weight_packing["format"]``."""
+PACKING_VERSION = 1
+
+
+def packing_spec(layer_bits: Mapping[str, int]) -> dict[str, Any]:
+    """The ``config.weight_packing`` record of a checkpoint whose layers ``layer_bits`` (name -> bits) are packed.
+
+    It names the layout so any loader knows what it reads: per layer, the signed codes ``q`` in ``[-2^(b-1),
+    2^(b-1) - 1]`` are stored as ``q + 2^(b-1)``, flattened in the weight's row-major order, ``b`` bits each, least
+    significant bit first, in a ``uint8`` tensor of ``ceil(numel * b / 8)`` bytes; the float weight is ``q * step``
+    with ``step = |weight_quantizer.raw_step|`` (one per output channel).
+    """
+    return {
+        "format": PACKING_FORMAT,
+        "version": PACKING_VERSION,
+        "codes": "signed two's-complement range stored with offset 2^(bits-1)",
+        "bit_order": "lsb_first",
+        "container": "uint8",
+        "layers": {name: int(bits) for name, bits in sorted(layer_bits.items())},
+    }
+
+
+def check_packing_spec(spec: Any) -> dict[str, int]:
+    """Validate a ``config.weight_packing`` record and return its ``layers`` (name -> bits).
+
+    Raises:
+        ValueError: If the record is not one this version reads.
+    """
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"weight_packing must be a dict written by save_pretrained, got {type(spec).__name__}.")
+    if spec.get("format") != PACKING_FORMAT or spec.get("version") != PACKING_VERSION:
+        raise ValueError(
+            f"weight_packing describes format {spec.get('format')!r} version {spec.get('version')!r}; this version "
+            f"of qdetr_hf reads {PACKING_FORMAT!r} version {PACKING_VERSION}. Upgrade qdetr_hf to load this checkpoint."
+        )
+    layers = spec.get("layers")
+    if not isinstance(layers, Mapping) or not all(
+        isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8 for b in layers.values()
+    ):
+        raise ValueError(f"weight_packing['layers'] must map layer names to bit widths in [2, 8], got {layers!r}.")
+    return dict(layers)
 
 
 def _check_bits(value: object, field: str) -> None:
@@ -76,6 +123,12 @@ class QDetrConfig(DetrConfig):
             the clipping point near `32 / L_k` at 8 bits and clips confident attention (on the synthetic benchmark
             quantizing only the softmax output after calibration cost 10.5 AP with `"lsq"` and nothing with
             `"unit_range"`). The paper states the LSQ init for activations but not for the softmax output.
+        weight_packing (`dict`, *optional*):
+            Written by `save_pretrained`, never set by hand: how the checkpoint stores its quantized weights. `None`
+            (training checkpoints and earlier versions): float latent weights. A dict (see
+            `qdetr_hf.packing.packing_spec`): each quantized layer's integer codes packed densely at its own bit width
+            (`layers`: name -> bits) beside its per-channel steps; loading dequantizes them, so a model in memory
+            always holds float weights and this field is `None` again.
 
     Example:
 
@@ -102,6 +155,7 @@ class QDetrConfig(DetrConfig):
     activation_offset_init: str = "zero"
     weight_step_init: str = "lsq"
     softmax_quantizer_init: str = "unit_range"
+    weight_packing: dict | None = None
 
     def __post_init__(self, **kwargs):
         # A real-valued DETR config.json (model_type "detr") loaded through QDetrConfig becomes a Q-DETR config.
@@ -134,6 +188,8 @@ class QDetrConfig(DetrConfig):
             raise ValueError(
                 f"QDetrConfig.softmax_quantizer_init must be one of {SOFTMAX_INITS}, got {self.softmax_quantizer_init!r}."
             )
+        if self.weight_packing is not None:
+            check_packing_spec(self.weight_packing)
         if self.activation_offset_init == "minmax" and not self.activation_offset:
             raise ValueError(
                 "QDetrConfig.activation_offset_init='minmax' needs activation_offset=True (plain LSQ has no offset)."

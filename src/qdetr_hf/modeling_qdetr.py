@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -16,6 +18,7 @@ from transformers.models.detr.modeling_detr import (
 from transformers.utils import logging
 
 from .configuration_qdetr import QDetrConfig
+from .packing import pack_state_dict, register_packed_buffers, unpack_layer
 from .quantization import (
     DistributionAlignment,
     LSQActivationQuantizer,
@@ -23,6 +26,7 @@ from .quantization import (
     QuantConv2d,
     QuantLinear,
     is_calibrated,
+    quantized_layers,
 )
 
 logger = logging.get_logger(__name__)
@@ -122,7 +126,11 @@ class QDetrForObjectDetection(DetrForObjectDetection):
         # DetrForObjectDetection.__init__ ends with post_init(): swap in the quantized layers first, so that weight
         # initialisation (or loading) sees the final module tree.
         self._quantize_modules()
+        if self.config.weight_packing is not None:  # a packed checkpoint: load its codes, not float weights
+            register_packed_buffers(quantized_layers(self), self.config.weight_packing)
         super().post_init()
+        if self.config.weight_packing is not None:
+            self._keys_to_ignore_on_load_missing |= {f"^{re.escape(name)}\\.weight$" for name in quantized_layers(self)}
 
     # ------------------------------------------------------------------------------------------------------------
     # Building the quantized layers
@@ -226,11 +234,14 @@ class QDetrForObjectDetection(DetrForObjectDetection):
         freshly initialised) weights, activation quantizers to
         the uncalibrated placeholder (step 1, offset 0), DA affines to gamma 1, beta 0 (still to be fitted under
         `distribution_alignment_init="fit"`). Tensors flagged
-        ``_is_hf_initialized`` (loaded from the checkpoint) are left untouched.
+        ``_is_hf_initialized`` (loaded from the checkpoint) are left untouched. A packed checkpoint's codes are
+        dequantized into the float weights here (``codes * step``, whose fake quantization is exactly itself), so the
+        loaded model computes bit-identical outputs and holds float weights like any other.
         """
         super().initialize_weights()
         for module in self.modules():
             if isinstance(module, (QuantLinear, QuantConv2d)):
+                unpack_layer(module)
                 quantizer = module.weight_quantizer
                 # Skip the computation (a 100-candidate search under "mse") when the step was loaded.
                 if not getattr(quantizer.raw_step, "_is_hf_initialized", False):
@@ -244,6 +255,32 @@ class QDetrForObjectDetection(DetrForObjectDetection):
                 init.ones_(module.weight)
                 init.zeros_(module.bias)
                 init.constant_(module.calibrated, module.init == "unit")
+
+        self.config.weight_packing = None  # the model now holds float weights, whatever the checkpoint stored
+
+    def save_pretrained(self, save_directory, *args, pack_weights: bool | None = None, **kwargs):
+        """`PreTrainedModel.save_pretrained`, writing every quantized weight as packed integer codes by default.
+
+        Each quantized Conv2d / Linear weight is stored as its b-bit codes packed densely (b bits per value, see
+        `qdetr_hf.packing`) beside its per-channel steps, and `config.json` records the packing
+        (`weight_packing`); the activation quantizers and every real-valued tensor are saved as usual. Loading the
+        folder gives bit-identical outputs. `push_to_hub` and the Trainer's final save go through here too.
+
+        Args:
+            pack_weights: `False` writes the float latent weights instead (what training checkpoints need to resume
+                exactly). Default: `True`, unless `self.pack_weights_on_save` was set to `False`.
+        """
+        pack = getattr(self, "pack_weights_on_save", True) if pack_weights is None else pack_weights
+        layers = quantized_layers(self)
+        if not pack or not layers:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        state_dict = kwargs.pop("state_dict", None)
+        state_dict, spec = pack_state_dict(self.state_dict() if state_dict is None else state_dict, layers)
+        self.config.weight_packing = spec
+        try:
+            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        finally:
+            self.config.weight_packing = None
 
     @property
     def is_calibrated(self) -> bool:

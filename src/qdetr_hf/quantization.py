@@ -135,6 +135,11 @@ def lsq_fake_quantize(
     return _LSQFunction.apply(x, step, offset, qn, qp, grad_scale)
 
 
+def _effective_step(raw_step: torch.Tensor) -> torch.Tensor:
+    """A stored step as the quantizers use it: ``|raw_step|`` clamped to ``STEP_EPS``, detached, float32."""
+    return raw_step.detach().abs().clamp_min(STEP_EPS).float()
+
+
 class _Quantizer(nn.Module):
     """Shared state of the LSQ quantizers: bit width, learned step, on/off switch."""
 
@@ -214,6 +219,18 @@ class LSQWeightQuantizer(_Quantizer):
     def initialize_from(self, weight: torch.Tensor) -> None:
         """Set the step to its initial value computed from ``weight`` (:meth:`initial_step`)."""
         self.raw_step.copy_(self.initial_step(weight))
+
+    @torch.no_grad()
+    def codes(self, weight: torch.Tensor, raw_step: torch.Tensor | None = None) -> torch.Tensor:
+        """The integer codes ``round(clip(w / s_c, Qn, Qp))`` of ``weight`` as ``int8``, computed with the forward's
+        own operations (``raw_step``: a stored step to use instead of this quantizer's)."""
+        step = _effective_step(self.raw_step if raw_step is None else raw_step)
+        return (weight.detach().float() / step).clamp(self.qn, self.qp).round().to(torch.int8)
+
+    @torch.no_grad()
+    def dequantize(self, codes: torch.Tensor, raw_step: torch.Tensor | None = None) -> torch.Tensor:
+        """``codes * s_c`` in float32: a weight whose fake quantization gives back exactly ``codes * s_c``."""
+        return codes.float() * _effective_step(self.raw_step if raw_step is None else raw_step)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -662,6 +679,11 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def activation_quantizers(model: nn.Module) -> list[LSQActivationQuantizer]:
     """All activation quantizers of ``model`` in module order."""
     return [m for _, m in quantizers(model) if isinstance(m, LSQActivationQuantizer)]
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear | QuantConv2d]:
+    """Every quantized Conv2d / Linear layer of ``model`` by module name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+
 
 
 def _fitted_alignments(model: nn.Module) -> list[DistributionAlignment]:

@@ -496,10 +496,16 @@ class QDetrDistillationTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         # Trainer._save_checkpoint writes to `_get_output_dir() / checkpoint-N`: point it at the staging folder.
         self._get_output_dir = lambda trial=None: staging_root  # type: ignore[method-assign]
+        # A checkpoint keeps the float latent weights so that a resumed run continues exactly; only the final model
+        # (save_model / push_to_hub) is written packed.
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        packs = getattr(unwrapped, "pack_weights_on_save", True)
+        unwrapped.pack_weights_on_save = False
         try:
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir
+            unwrapped.pack_weights_on_save = packs
         self._save_distiller(staged)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
