@@ -146,21 +146,39 @@ def test_gradients_reach_weights_steps_and_offsets():
         assert tensor.grad is not None and tensor.grad.abs().sum() > 0, name
 
 
-def test_steps_stay_positive_under_aggressive_optimisation():
+def test_steps_driven_through_zero_keep_the_layer_finite_and_quantize_by_their_magnitude():
     layer = QuantConv2d(3, 4, 3, weight_bits=2, activation_bits=2)
     x = torch.randn(2, 3, 8, 8)
     layer.weight_quantizer.initialize_from(layer.weight)
     layer.input_quantizer.set_from_statistics(x.abs().mean().item(), x.min().item(), x.max().item())
     optimizer = torch.optim.SGD(layer.parameters(), lr=5.0)
+    raw_signs: set[float] = set()
     for _ in range(200):
         optimizer.zero_grad()
         # Pushes every step towards (and past) zero.
         loss = 100 * (layer.weight_quantizer.step.sum() + layer.input_quantizer.step) + layer(x).abs().mean()
         loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
         optimizer.step()
-        assert (layer.weight_quantizer.step > 0).all() and layer.input_quantizer.step > 0
-    assert layer.weight_quantizer.step.min() >= STEP_EPS
-    assert torch.isfinite(layer(x)).all()
+        raw_signs.update(torch.sign(layer.weight_quantizer.raw_step.detach()).flatten().tolist())
+        raw_signs.add(torch.sign(layer.input_quantizer.raw_step.detach()).item())
+        assert torch.isfinite(layer(x)).all()
+    assert -1.0 in raw_signs  # the stored steps really were driven past zero
+    # A negative stored step quantizes exactly like its magnitude, and a zero one like the STEP_EPS floor: no 0 / 0
+    # on the exact zeros of a post-ReLU input.
+    fresh = QuantConv2d(3, 4, 3, weight_bits=2, activation_bits=2, learn_offset=False)
+    relu_x = torch.relu(x)
+    fresh.weight_quantizer.initialize_from(fresh.weight)
+    fresh.input_quantizer.set_from_statistics(relu_x.abs().mean().item(), 0.0, relu_x.max().item())
+    with torch.no_grad():
+        reference = fresh(relu_x)
+        fresh.weight_quantizer.raw_step.neg_()
+        fresh.input_quantizer.raw_step.neg_()
+        assert torch.equal(fresh(relu_x), reference)
+        fresh.input_quantizer.raw_step.zero_()
+        at_zero = fresh(relu_x)
+        fresh.input_quantizer.raw_step.fill_(STEP_EPS)
+        assert torch.isfinite(at_zero).all() and torch.equal(at_zero, fresh(relu_x))
 
 
 def test_quant_layers_share_parameters_with_the_float_layer():
@@ -432,6 +450,26 @@ def test_softmax_quantizer_covers_the_unit_range():
         QuantAttention(8, head_dim=4, softmax_init="minmax")
     with pytest.raises(ValueError, match="known_range"):
         LSQActivationQuantizer(8, known_range=(1.0, 0.0))
+
+
+def test_attention_dropout_does_not_push_probabilities_past_the_softmax_quantizer():
+    # Confident attention (weights up to ~1) with dropout 0.5: the kept weights are scaled by 2. They must be the
+    # quantized weights scaled by 2 (quantize, then drop), not weights above 1 clipped to 1 by the [0, 1] quantizer.
+    attention = QuantAttention(8, head_dim=4)
+    q, k, v = (torch.randn(2, 2, 5, 4) * 3 for _ in range(3))
+    for quantizer, x in ((attention.q_quantizer, q), (attention.k_quantizer, k), (attention.v_quantizer, v)):
+        quantizer.set_from_statistics(x.abs().mean().item(), x.min().item(), x.max().item())
+    attention.softmax_quantizer.set_from_statistics(0.2, 0.0, 1.0)
+    module = nn.Module()
+    module.eval()
+    _, quantized = attention(module, q, k, v, None, scaling=2.0, dropout=0.5)
+    assert quantized.max() > 0.9  # some weights would exceed 1 once scaled by 1 / (1 - p) = 2
+    module.train()
+    out, dropped = attention(module, q, k, v, None, scaling=2.0, dropout=0.5)
+    kept = dropped != 0
+    assert kept.any() and (~kept).any()
+    torch.testing.assert_close(dropped[kept], 2.0 * quantized[kept], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, torch.matmul(dropped, attention.v_quantizer(v)).transpose(1, 2))
 
 
 def test_mse_weight_init_recovers_the_step_of_weights_on_a_grid():

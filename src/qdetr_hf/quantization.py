@@ -648,7 +648,12 @@ class QuantAttention(nn.Module):
         scaling: float | None = None,
         dropout: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of ``(batch, heads, length, head_dim)`` inputs; returns ``(output (B, L, H, D), probs)``."""
+        """Attention of ``(batch, heads, length, head_dim)`` inputs; returns ``(output (B, L, H, D), probs)``.
+
+        The softmax output is quantized before attention dropout: dropout scales the kept weights by ``1 / (1 - p)``,
+        which would push them past the quantizer's ``[0, 1]`` range and clip them. ``probs`` is what multiplies ``v``
+        (after dropout), as in transformers' eager attention.
+        """
         if self.alignment is not None:
             query = self.alignment(query)
         query = self.q_quantizer(query)
@@ -662,9 +667,8 @@ class QuantAttention(nn.Module):
                 scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
             else:
                 scores = scores + attention_mask
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
-        probs = F.dropout(probs, p=dropout, training=module.training)
-        probs = self.softmax_quantizer(probs).to(value.dtype)
+        probs = self.softmax_quantizer(F.softmax(scores, dim=-1, dtype=torch.float32))
+        probs = F.dropout(probs, p=dropout, training=module.training).to(value.dtype)
         output = torch.matmul(probs, value).transpose(1, 2).contiguous()
         return output, probs
 
