@@ -799,13 +799,16 @@ def calibrate(
 
         iterator = tqdm(batches, total=max_batches, desc="Calibrating quantizers", leave=False)
     num_batches = 0
+    images = _RangeObserver()  # the input images' own statistics, to tell blank images from structural zeros
     try:
         target.eval()
         with quantization_disabled(target):
             for batch in iterator:
                 if max_batches is not None and num_batches >= max_batches:
                     break
-                _forward_batch(target, _to_device(batch, device))
+                batch = _to_device(batch, device)
+                _forward_batch(target, batch)
+                images.update(batch["pixel_values"] if isinstance(batch, Mapping) else batch)
                 num_batches += 1
     finally:
         for q in qs:
@@ -822,12 +825,13 @@ def calibrate(
     if distributed:
         for sums in alignment_sums:
             torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+    # One row per quantizer, then one for the images.
     stats = torch.tensor(
-        [[o.sum_abs, float(o.count), float(o.non_finite), o.minimum, o.maximum] for o in observers],
+        [[o.sum_abs, float(o.count), float(o.non_finite), o.minimum, o.maximum] for o in [*observers, images]],
         dtype=torch.float64,
         device=device,
-    ).reshape(len(qs), 5)
-    if distributed and qs:
+    )
+    if distributed:
         sums = stats[:, :3].contiguous()
         mins = stats[:, 3].contiguous()
         maxs = stats[:, 4].contiguous()
@@ -835,7 +839,7 @@ def calibrate(
         torch.distributed.all_reduce(mins, op=torch.distributed.ReduceOp.MIN)
         torch.distributed.all_reduce(maxs, op=torch.distributed.ReduceOp.MAX)
         stats = torch.cat([sums, mins[:, None], maxs[:, None]], dim=1)
-    stats = stats.cpu().tolist()
+    *stats, (_, _, bad_pixels, image_min, image_max) = stats.cpu().tolist()
     names = {id(m): name for name, m in target.named_modules()}
 
     def _listing(items: list[str], limit: int = 8) -> str:
@@ -852,8 +856,13 @@ def calibrate(
     if non_finite:
         raise ValueError(
             f"calibrate(): non-finite (NaN or infinite) activations reached {len(non_finite)} quantizer(s), listed in "
-            f"module order (the first is where they entered): {_listing(non_finite)}. Check the calibration batches "
-            "for NaN/inf pixels (or the model for overflow); nothing was calibrated."
+            f"module order (the first is where they entered): {_listing(non_finite)}. "
+            + (
+                f"The calibration images hold {int(bad_pixels)} NaN/inf values"
+                if bad_pixels
+                else "The calibration images are finite, so the model produced them (an overflow)"
+            )
+            + "; nothing was calibrated."
         )
     for q, (_, count, *_) in zip(qs, stats, strict=True):
         if count == 0:
@@ -874,11 +883,14 @@ def calibrate(
             q.scale_step(MSE_STEP_MULTIPLIERS[best])
 
     # Degenerate statistics give a usable but meaningless quantizer: calibrated, and named in one warning. A known
-    # (analytic) range does not depend on the statistics.
+    # (analytic) range does not depend on the statistics. An input that is exactly zero while the images vary is the
+    # model's structure, not the data (DETR's first decoder layer's value projection: the decoder starts from zero
+    # queries), and it is quantized exactly.
+    constant_images = image_min == image_max
     steps = torch.stack([q.step.detach().reshape(()) for q in qs]).double().cpu().tolist()
     degenerate = []
     for q, (_, _, _, minimum, maximum), step in zip(qs, stats, steps, strict=True):
-        if q.known_range is not None:
+        if q.known_range is not None or (minimum == maximum == 0.0 and not constant_images):
             continue
         if minimum == maximum:
             degenerate.append(f"'{q.name}' (constant input {minimum:g})")
@@ -890,9 +902,10 @@ def calibrate(
         warnings.warn(
             f"calibrate(): degenerate statistics for {len(degenerate)} of {len(qs)} activation quantizer(s), listed "
             f"in module order: {_listing(degenerate)}. They were calibrated, but their steps fit no real range: "
-            "calibrate on real, varied images (not blank or constant ones).",
+            + (f"every calibration image value is {image_min:g}; " if constant_images else "")
+            + "calibrate on real, varied images (not blank or constant ones).",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # the caller of calibrate(), past torch.no_grad's wrapper
         )
     return model
 
