@@ -291,25 +291,60 @@ def run_decoder(
 
 
 def layer_predictions(
-    model: nn.Module, layer_outputs: Sequence[torch.Tensor]
+    model: nn.Module, layer_outputs: Sequence[torch.Tensor], includes_final: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class logits and boxes of every decoder layer from the layers' raw outputs, exactly as DETR's heads see them.
 
     DETR's heads read each layer's output through the decoder LayerNorm; with ``auxiliary_loss`` the decoder applies
     it after every layer and then once more to the last one (which the main head sees). The raw outputs are what
-    forward hooks on ``decoder.layers[i]`` return, or ``outputs.decoder_hidden_states[1:]`` (one per layer).
+    forward hooks on ``decoder.layers[i]`` return. ``outputs.decoder_hidden_states`` holds them too, except its last
+    entry: transformers 5.23 ties that one to ``last_hidden_state``, the final layer's output already through the
+    LayerNorm (see :func:`hidden_state_predictions`).
+
+    Args:
+        model: A transformers DETR detection model.
+        layer_outputs: Raw outputs of consecutive decoder layers, the first of them first.
+        includes_final: Whether the last entry is the final decoder layer's (with ``auxiliary_loss`` its LayerNorm is
+            then applied twice); ``False`` for intermediate layers only.
 
     Returns:
         ``(logits (L, B, Q, C + 1), boxes (L, B, Q, 4), normed states (L, B, Q, d_model))``.
     """
     decoder = model.model.decoder
     normed = [decoder.layernorm(state) for state in layer_outputs]
-    if model.config.auxiliary_loss:
+    if includes_final and model.config.auxiliary_loss:
         normed[-1] = decoder.layernorm(normed[-1])
     per_layer = torch.stack(normed)
     logits = model.class_labels_classifier(per_layer)
     boxes = model.bbox_predictor(per_layer).sigmoid()
     return logits, boxes, per_layer
+
+
+def hidden_state_predictions(detector: DetectorOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class logits ``(L, B, Q, C + 1)`` and boxes ``(L, B, Q, 4)`` of every decoder layer of a forward pass run with
+    ``output_hidden_states=True``.
+
+    ``outputs.decoder_hidden_states`` is ``(decoder input, layer 1 output, ..., layer L output)``. In transformers 5.23
+    (``capture_outputs`` with ``tie_last_hidden_states``) the intermediate entries are the layers' raw outputs, but the
+    last one is replaced by ``last_hidden_state``: layer L's output already through the decoder LayerNorm (twice with
+    ``auxiliary_loss``), which the heads must not normalise again. So layers ``1..L-1`` are rebuilt from their raw
+    outputs (:func:`layer_predictions`) and layer L's predictions are the model's own ``logits`` / ``pred_boxes``.
+
+    Raises:
+        ValueError: If the outputs have no ``decoder_hidden_states`` or ``detector.model`` is missing.
+    """
+    hidden = getattr(detector.outputs, "decoder_hidden_states", None)
+    if hidden is None or detector.model is None:
+        raise ValueError(
+            "Per-layer predictions need the model's decoder_hidden_states (run it with output_hidden_states=True) "
+            "and DetectorOutputs.model."
+        )
+    logits, boxes = detector.logits.unsqueeze(0), detector.pred_boxes.unsqueeze(0)
+    if len(hidden) > 2:
+        inner_logits, inner_boxes, _ = layer_predictions(detector.model, hidden[1:-1], includes_final=False)
+        logits = torch.cat([inner_logits.to(logits.dtype), logits])
+        boxes = torch.cat([inner_boxes.to(boxes.dtype), boxes])
+    return logits, boxes
 
 
 def check_label_spaces(teacher_config: Any, student_config: Any) -> None:

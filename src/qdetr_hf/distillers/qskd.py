@@ -19,7 +19,7 @@ from qdetr_hf.box_ops import (
     pad_targets,
     pairwise_generalized_box_iou,
 )
-from qdetr_hf.distillers.base import DetectorOutputs, Distiller, layer_predictions
+from qdetr_hf.distillers.base import DetectorOutputs, Distiller, hidden_state_predictions
 from qdetr_hf.distillers.drd import _check_weight
 
 __all__ = [
@@ -498,7 +498,8 @@ def local_alignment_prediction_loss(
     arithmetic, so they never reach the gradient. Teacher tensors are detached; computed in float32.
 
     Args:
-        student_logits: (L, B, Qs, C + 1) per-layer student logits (:func:`~qdetr_hf.distillers.base.layer_predictions`)
+        student_logits: (L, B, Qs, C + 1) per-layer student logits
+            (:func:`~qdetr_hf.distillers.base.hidden_state_predictions`)
             or (B, Qs, C + 1) for one layer.
         student_boxes: (L, B, Qs, 4) or (B, Qs, 4) student boxes, same layout.
         teacher_logits: (B, Qt, C + 1) teacher final-layer logits.
@@ -826,8 +827,7 @@ class QSKDDistiller(Distiller):
                 "decoder_hidden_states (output_hidden_states=True) and its model; pass all_layers=False to distil "
                 "only the final layer."
             )
-        logits, boxes, _ = layer_predictions(student.model, hidden[1:])
-        return logits, boxes
+        return hidden_state_predictions(student)
 
     def extra_repr(self) -> str:
         adapter = (
