@@ -211,6 +211,122 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, student, teacher,
     assert moved > 10
 
 
+class _RecordGradients(TrainerCallback):
+    """Before each optimizer step (after clipping): the distiller's gradient and the total norm over model and
+    distiller."""
+
+    def __init__(self, model: torch.nn.Module, distiller: torch.nn.Module) -> None:
+        self.model, self.distiller = model, distiller
+        self.distiller_grads: list[torch.Tensor] = []
+        self.total_norms: list[float] = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        grads = [p.grad for p in [*self.model.parameters(), *self.distiller.parameters()] if p.grad is not None]
+        self.distiller_grads.append(self.distiller.log_variance.grad.detach().clone())
+        self.total_norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+
+def _ida_trainer(tmp_path, student, teacher, dataset, collator, **overrides):
+    from qdetr_hf.distillers import IDaDetDistiller
+
+    distiller = IDaDetDistiller(tau=0.3)
+    optimizers = overrides.pop("optimizers", (None, None))
+    if callable(optimizers):
+        optimizers = optimizers(distiller)
+    trainer = QDetrDistillationTrainer(
+        model=student,
+        args=make_args(tmp_path, per_device_train_batch_size=2, calibration_batches=1, **overrides),
+        teacher_model=teacher,
+        distiller=distiller,
+        train_dataset=dataset,
+        data_collator=collator,
+        optimizers=optimizers,
+    )
+    return trainer, distiller
+
+
+def test_a_user_optimizer_must_hold_the_distillers_parameters(tmp_path, student, teacher, tiny_shapes):
+    dataset, collator = tiny_shapes
+    with pytest.raises(ValueError, match=r"optimizers=.*does not hold.*'ida' distiller \('log_variance'\)"):
+        _ida_trainer(
+            tmp_path, student, teacher, dataset, collator, optimizers=(torch.optim.AdamW(student.parameters()), None)
+        )
+    # With them, the distiller's parameters train.
+    trainer, distiller = _ida_trainer(
+        tmp_path,
+        student,
+        teacher,
+        dataset,
+        collator,
+        max_steps=2,
+        optimizers=lambda d: (torch.optim.AdamW([*student.parameters(), *d.parameters()], lr=1e-2), None),
+    )
+    trainer.train()
+    assert distiller.log_variance.item() != 0.0
+    # An optimizer class and kwargs are honoured when the trainer builds the groups (distiller group included).
+    from qdetr_hf.distillers import IDaDetDistiller
+
+    distiller = IDaDetDistiller(tau=0.3)
+    trainer = QDetrDistillationTrainer(
+        model=student,
+        args=make_args(tmp_path),
+        teacher_model=teacher,
+        distiller=distiller,
+        train_dataset=dataset,
+        data_collator=collator,
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.5}),
+    )
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert any(p is distiller.log_variance for group in optimizer.param_groups for p in group["params"])
+
+
+def test_clipping_and_grad_norm_cover_the_distillers_parameters(tmp_path, student, teacher, tiny_shapes):
+    dataset, collator = tiny_shapes
+    # Only the class head trains in the first run, so the distiller's gradient is a visible part of the norm.
+    frozen = copy.deepcopy(student).requires_grad_(False)
+    frozen.class_labels_classifier.requires_grad_(True)
+    calibrate(frozen, DataLoader(dataset, batch_size=2, collate_fn=collator), max_batches=1)
+    trainer, distiller = _ida_trainer(tmp_path, frozen, teacher, dataset, collator, max_grad_norm=0.0)
+    record = _RecordGradients(trainer.model, distiller)
+    trainer.add_callback(record)
+    trainer.train()
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    distiller_norms = [g.abs().item() for g in record.distiller_grads]
+    # Without clipping, the logged norm is the norm over the model's and the distiller's gradients.
+    assert logged == pytest.approx(record.total_norms, rel=1e-5)
+    assert all(d > 0.01 * total for d, total in zip(distiller_norms, record.total_norms, strict=True))
+    clipped, distiller = _ida_trainer(tmp_path / "clipped", student, teacher, dataset, collator, max_grad_norm=1e-3)
+    record = _RecordGradients(clipped.model, distiller)
+    clipped.add_callback(record)
+    clipped.train()
+    assert all(norm <= 1e-3 * (1 + 1e-4) for norm in record.total_norms)
+
+
+def test_distiller_gradients_do_not_accumulate_across_steps(tmp_path, student, teacher, tiny_shapes):
+    # The same example at every step and a learning rate of 0: every step must see the same gradient.
+    example = SyntheticShapesDataset(num_images=1, image_size=64, seed=5, max_objects=3)[0]
+    _, collator = tiny_shapes
+    trainer, distiller = _ida_trainer(
+        tmp_path,
+        student,
+        teacher,
+        _Repeat(example, 8),
+        collator,
+        max_steps=3,
+        learning_rate=0.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+    )
+    record = _RecordGradients(trainer.model, distiller)
+    trainer.add_callback(record)
+    trainer.train()
+    first = record.distiller_grads[0]
+    assert first.abs().item() > 0
+    for grad in record.distiller_grads[1:]:
+        torch.testing.assert_close(grad, first)
+
+
 def test_bf16_training_step(tmp_path, student, teacher, tiny_shapes):
     trainer = make_trainer(tmp_path, student, teacher, tiny_shapes, bf16=True, max_steps=2)
     trainer.train()

@@ -187,6 +187,18 @@ class TimeLimitCallback(TrainerCallback):
         )
 
 
+class _ClearDistillerGradients(TrainerCallback):
+    """Clear the distiller's gradients after every optimizer step: the `Trainer` calls ``model.zero_grad()``, which
+    does not reach them, so they would otherwise add up over the whole run."""
+
+    def __init__(self, parameters: Callable[[], list[nn.Parameter]]) -> None:
+        self.parameters = parameters
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for param in self.parameters():
+            param.grad = None
+
+
 def load_teacher(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
     """Load a real-valued (or any transformers DETR-style) teacher from a Hub id or a local folder.
 
@@ -217,6 +229,14 @@ class QDetrDistillationTrainer(Trainer):
 
     With ``args.max_train_minutes`` set, a :class:`TimeLimitCallback` (:attr:`time_limit`) ends training once that
     wall-clock budget is used up, whatever ``max_steps`` says.
+
+    A distiller's own parameters (QSKD's adapter, IDa-Det's variance) are trained with the student: the trainer's
+    optimizer gives them a group without weight decay, gradient clipping and the logged ``grad_norm`` cover them, and
+    their gradients are cleared after every optimizer step. An optimizer passed as ``optimizers=(optimizer,
+    scheduler)`` must already hold them, or the trainer raises a ``ValueError`` at construction: it does not add a
+    group to a user's optimizer behind their back, because it would have to guess that group's learning rate and
+    weight decay, and a scheduler built for the optimizer's groups (``LambdaLR`` and the like) would not cover a group
+    added later.
 
     Before the first step of a fresh run, an uncalibrated quantized student is calibrated on
     ``args.calibration_batches`` training batches (statistics all-reduced across processes). Checkpoints are written
@@ -265,6 +285,9 @@ class QDetrDistillationTrainer(Trainer):
             self.teacher = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         if self.distiller is not None:
             self.distiller.to(self.args.device)
+        self._check_user_optimizer()
+        if self._distiller_parameters():
+            self.add_callback(_ClearDistillerGradients(self._distiller_parameters))
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
         self.model_card_data: Any = None
@@ -388,7 +411,11 @@ class QDetrDistillationTrainer(Trainer):
             ]
             if distiller_params:
                 param_groups.append({"params": distiller_params, "weight_decay": 0.0})
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            if self.optimizer_cls_and_kwargs is not None:
+                optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+                optimizer_kwargs = dict(optimizer_kwargs)
+            else:
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return super().create_optimizer(model)
 
@@ -396,6 +423,45 @@ class QDetrDistillationTrainer(Trainer):
         if self.distiller is None:
             return []
         return [p for p in self.distiller.parameters() if p.requires_grad]
+
+    def _check_user_optimizer(self) -> None:
+        """Raise if an optimizer given as ``optimizers=(...)`` misses trainable distiller parameters (see the class
+        docstring for why they are not added to it)."""
+        if self.optimizer is None or self.distiller is None:
+            return
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in self.distiller.named_parameters() if p.requires_grad and id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"The optimizer passed as optimizers=(...) does not hold the trainable parameters of the "
+                f"'{self.distiller.name}' distiller ({', '.join(repr(n) for n in missing)}), so they would never "
+                "train. Build it over both, e.g. torch.optim.AdamW([*model.parameters(), *distiller.parameters()]), "
+                "or leave `optimizers` unset so the trainer creates the optimizer (no weight decay on the distiller)."
+            )
+
+    def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor | float | None:
+        """Clip the gradients of the model *and* the distiller's parameters together (one norm over both)."""
+        distiller_params = self._distiller_parameters()
+        if not distiller_params or not self._plain_gradient_layout(model):
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *distiller_params], self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: torch.Tensor | float | None = None):
+        """The logged ``grad_norm``: over the model's and the distiller's gradients (see :meth:`_clip_grad_norm`)."""
+        distiller_params = self._distiller_parameters()
+        if grad_norm is None and distiller_params and self._plain_gradient_layout(model):
+            grad_norm = self.accelerator.clip_grad_norm_([*model.parameters(), *distiller_params], float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def _plain_gradient_layout(self, model: nn.Module) -> bool:
+        """Whether the gradients are ordinary tensors that one ``clip_grad_norm_`` call spans (not FSDP, DeepSpeed or
+        mixed device meshes, whose own clipping paths the stock `Trainer` keeps, over the model's parameters only)."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type not in (
+            DistributedType.FSDP,
+            DistributedType.DEEPSPEED,
+        ) and not self._has_mixed_mesh_grads(model)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
