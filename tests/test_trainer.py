@@ -327,9 +327,27 @@ def test_distiller_gradients_do_not_accumulate_across_steps(tmp_path, student, t
         torch.testing.assert_close(grad, first)
 
 
-def test_bf16_training_step(tmp_path, student, teacher, tiny_shapes):
+def test_bf16_training_fake_quantizes_in_float32(tmp_path, student, teacher, tiny_shapes, monkeypatch):
+    # Under bf16 autocast the quantized layers receive bf16 activations, but the package's fake quantization must
+    # run in float32 with autocast off (bf16 has 8 mantissa bits: 8-bit levels would not round-trip).
+    from qdetr_hf import quantization
+
+    calls: list[tuple[torch.dtype, torch.dtype, bool]] = []
+    fake_quantize = quantization.lsq_fake_quantize
+
+    def recording(x, step, *args, **kwargs):
+        calls.append((x.dtype, step.dtype, torch.is_autocast_enabled("cpu")))
+        return fake_quantize(x, step, *args, **kwargs)
+
+    monkeypatch.setattr(quantization, "lsq_fake_quantize", recording)
+    incoming: set[torch.dtype] = set()
+    for module in student.modules():
+        if isinstance(module, quantization.LSQActivationQuantizer):
+            module.register_forward_pre_hook(lambda module, args: incoming.add(args[0].dtype))
     trainer = make_trainer(tmp_path, student, teacher, tiny_shapes, bf16=True, max_steps=2)
     trainer.train()
+    assert torch.bfloat16 in incoming  # autocast really was on in the quantized layers
+    assert calls and all(call == (torch.float32, torch.float32, False) for call in calls), set(calls)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all(torch.isfinite(torch.tensor([e["loss"], e["loss_drd"]])).all() for e in logs)
     assert student.model.decoder.layers[0].mlp.fc1.weight.dtype == torch.float32  # master weights stay fp32
@@ -406,15 +424,44 @@ def test_a_failed_save_leaves_no_checkpoint_behind(tmp_path, student, teacher, t
     assert {"config.json", "model.safetensors", "trainer_state.json"} <= set(os.listdir(output_dir / "checkpoint-2"))
 
 
-def test_evaluation_reports_coco_metrics(tmp_path, student, teacher, tiny_shapes):
+def _predict_the_labels(model, monkeypatch, miss: bool = False) -> None:
+    """Make ``model`` predict its ground truth exactly (class and box), or (``miss``) put every box in a far corner."""
+    forward = model.forward
+
+    def predicting(*args, labels=None, **kwargs):
+        outputs = forward(*args, labels=labels, **kwargs)
+        logits = torch.full_like(outputs.logits, -10.0)
+        logits[..., -1] = 10.0  # "no object" everywhere but on the first queries
+        boxes = torch.full_like(outputs.pred_boxes, 0.005)
+        for i, label in enumerate(labels):
+            n = len(label["class_labels"])
+            logits[i, torch.arange(n), label["class_labels"]] = 10.0
+            logits[i, :n, -1] = -10.0
+            if not miss:
+                boxes[i, :n] = label["boxes"]
+        outputs.logits, outputs.pred_boxes = logits, boxes
+        return outputs
+
+    monkeypatch.setattr(model, "forward", predicting)
+
+
+def test_evaluation_reports_coco_metrics(tmp_path, student, teacher, tiny_shapes, monkeypatch):
     dataset, collator = tiny_shapes
     calibrate(student, DataLoader(dataset, batch_size=4, collate_fn=collator), max_batches=1)
     trainer = make_trainer(tmp_path, student, teacher, tiny_shapes)
     trainer.eval_dataset = dataset
     metrics = trainer.evaluate()
     assert {"eval_loss", "eval_AP", "eval_AP50", "eval_AP75", "eval_APs", "eval_AR100"} <= set(metrics)
-    assert 0.0 <= metrics["eval_AP"] <= 1.0
     assert {int(k): v for k, v in student.config.id2label.items()} == SHAPES
+    # Known answers through the whole evaluation path (gather, post-processing, box conversion, COCOeval): a model
+    # that predicts its ground truth scores AP = AR = 1, one whose boxes all miss scores 0.
+    _predict_the_labels(student, monkeypatch)
+    perfect = trainer.evaluate()
+    for key in ("eval_AP", "eval_AP50", "eval_AP75", "eval_AR100"):
+        assert perfect[key] == pytest.approx(1.0), key
+    _predict_the_labels(student, monkeypatch, miss=True)
+    missed = trainer.evaluate()
+    assert missed["eval_AP"] == 0.0 and missed["eval_AR100"] == 0.0
 
 
 def test_configure_cpu_threads_uses_every_core_of_a_single_cpu_process(tmp_path):
