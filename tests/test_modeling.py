@@ -76,6 +76,8 @@ def test_config_defaults_follow_the_paper():
         ("weight_step_init", "minmax", ValueError),
         ("distribution_alignment_eps", 0.0, ValueError),
         ("weight_bits", 3.5, Exception),  # strict dataclass type check
+        ("backbone_residual_bits", 1, ValueError),
+        ("backbone_residual_bits", True, Exception),
     ],
 )
 def test_bad_config_values_raise_naming_the_field(field, value, error):
@@ -211,6 +213,37 @@ def test_converting_a_real_valued_checkpoint(detr_checkpoint):
     again = QDetrForObjectDetection.from_pretrained(path, weight_bits=3, activation_bits=3)
     for (key, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+def test_residual_stream_quantizers_convert_a_real_valued_checkpoint(detr_checkpoint, images, tmp_path):
+    path, detr = detr_checkpoint
+    model = QDetrForObjectDetection.from_pretrained(path, backbone_residual_bits=8)
+    # Every real weight and BatchNorm buffer is loaded under its usual key.
+    ours = model.state_dict()
+    for key, value in detr.state_dict().items():
+        assert torch.equal(ours[key], value), key
+    backbone = model.model.backbone.model
+    residual = {
+        name.removesuffix(".output_quantizer")
+        for name, m in backbone.named_modules()
+        if name.endswith("output_quantizer") and isinstance(m, LSQActivationQuantizer)
+    }
+    # test_resnet: two BasicBlocks (bn2, act2) and a Bottleneck (bn3, act3), two of them with a downsample branch.
+    assert residual == {
+        "layer1.0.bn2", "layer1.0.act2", "layer2.0.bn2", "layer2.0.act2", "layer2.0.downsample.2",
+        "layer3.0.bn3", "layer3.0.act3", "layer3.0.downsample.2",
+    }  # fmt: skip
+    assert all(m.bits == 8 for n, m in backbone.named_modules() if n.endswith("output_quantizer"))
+    assert not model.is_calibrated
+    calibrate(model, [images])
+    model.eval()
+    expected = model(pixel_values=images).logits
+    with quantization_disabled(model):  # the residual quantizers change the numbers only while enabled
+        assert not torch.equal(model(pixel_values=images).logits, expected)
+    model.save_pretrained(tmp_path)
+    reloaded = QDetrForObjectDetection.from_pretrained(tmp_path).eval()
+    assert reloaded.config.backbone_residual_bits == 8
+    assert torch.equal(reloaded(pixel_values=images).logits, expected)
 
 
 def test_save_load_round_trip_is_bit_identical(tmp_path, images):

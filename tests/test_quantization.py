@@ -99,6 +99,31 @@ def test_activation_quantizer_lsq_plus_forward_and_gradients():
     torch.testing.assert_close(x.grad, torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]]))
 
 
+def test_integer_zero_point_forward_is_onnx_arithmetic_and_gradients_are_lsq_plus():
+    # Unsigned 2-bit, s = 0.5, z = 0.3: the offset counts k = round(0.6) = 1 whole step.
+    quantizer = LSQActivationQuantizer(2, learn_offset=True, integer_offset=True)
+    quantizer = _calibrated(quantizer, minimum=0.0, step=0.5, offset=0.3)
+    x = torch.tensor([[-0.3, 0.2, 0.45, 1.0, 2.5, 3.0]], requires_grad=True)
+    out = quantizer(x)
+    # round(x / s) = [-1, 0, 1, 2, 5, 6]; minus k and clamped to [0, 3]: [0, 0, 0, 1, 3, 3]; s * (q + k):
+    torch.testing.assert_close(out, torch.tensor([[0.5, 0.5, 0.5, 1.0, 2.0, 2.0]]))
+    with torch.no_grad():  # the inference path computes the same numbers
+        torch.testing.assert_close(quantizer(x), out)
+    out.sum().backward()
+    g = 1.0 / math.sqrt(6 * 3)
+    # v = x / s - k = [-1.6, -0.6, -0.1, 1.0, 4.0, 5.0]; inside (levels 0 and 1 reached without clamping): q - v =
+    # 0.1 and 0; outside: q = 0, 0, 3, 3 -> d/ds = 6.1; d/dz = 1 for the 4 clamped elements.
+    torch.testing.assert_close(quantizer.raw_step.grad, torch.tensor(6.1 * g))
+    torch.testing.assert_close(quantizer.offset.grad, torch.tensor(4 * g))
+    torch.testing.assert_close(x.grad, torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0, 0.0]]))
+
+
+def test_integer_zero_point_shift_stays_inside_the_uint8_container():
+    # An unsigned 8-bit grid cannot start above zero with a uint8 zero point: k is limited to <= 0.
+    quantizer = _calibrated(LSQActivationQuantizer(8, integer_offset=True), minimum=0.0, step=0.1, offset=0.55)
+    torch.testing.assert_close(quantizer(torch.tensor([[0.0, 0.26, 30.0]])), torch.tensor([[0.0, 0.3, 25.5]]))
+
+
 def test_activation_quantizer_signed_range_and_per_sample_gradient_scale():
     # Signed 3-bit: Qn = -4, Qp = 3; batch of 2 samples with 3 features each -> N = 3 (per sample, not 6).
     quantizer = _calibrated(LSQActivationQuantizer(3, learn_offset=False), minimum=-1.0, step=1.0, offset=0.0)

@@ -123,6 +123,17 @@ class QDetrConfig(DetrConfig):
             the clipping point near `32 / L_k` at 8 bits and clips confident attention (on the synthetic benchmark
             quantizing only the softmax output after calibration cost 10.5 AP with `"lsq"` and nothing with
             `"unit_range"`). The paper states the LSQ init for activations but not for the softmax output.
+        integer_zero_points (`bool`, defaults to `False`):
+            Use each learned activation offset as a whole number of steps, `round(z / s)` (project option): an
+            integer zero point, which is what ONNX's QuantizeLinear has, so `qdetr_hf.export_onnx` reproduces the
+            trained numerics exactly. `False` (the paper's LSQ+): real-valued offsets, which the export rounds to the
+            nearest step (an approximation; its effect on AP is measured in `benchmarks/results/deploy.md`).
+        backbone_residual_bits (`int`, *optional*):
+            Bits of quantizers on the backbone's residual stream (project option): the output of each residual block's
+            last BatchNorm, of its shortcut (downsample) and of the block itself (after the final ReLU). `None` (the
+            paper) leaves the residual stream real-valued, so the convolutions that feed a residual addition have no
+            quantized output and ONNX Runtime runs them in float; 8 gives every backbone convolution an integer
+            input and output in the exported model. Needs a timm ResNet backbone (BasicBlock / Bottleneck blocks).
         weight_packing (`dict`, *optional*):
             Written by `save_pretrained`, never set by hand: how the checkpoint stores its quantized weights. `None`
             (training checkpoints and earlier versions): float latent weights. A dict (see
@@ -155,6 +166,8 @@ class QDetrConfig(DetrConfig):
     activation_offset_init: str = "zero"
     weight_step_init: str = "lsq"
     softmax_quantizer_init: str = "unit_range"
+    integer_zero_points: bool = False
+    backbone_residual_bits: int | None = None
     weight_packing: dict | None = None
 
     def __post_init__(self, **kwargs):
@@ -163,6 +176,8 @@ class QDetrConfig(DetrConfig):
         self.model_type = type(self).model_type
         for field in ("weight_bits", "activation_bits", "attention_bits", "first_conv_bits"):
             _check_bits(getattr(self, field), field)
+        if self.backbone_residual_bits is not None:
+            _check_bits(self.backbone_residual_bits, "backbone_residual_bits")
         if self.distribution_alignment not in DA_LOCATIONS:
             raise ValueError(
                 f"QDetrConfig.distribution_alignment must be one of {DA_LOCATIONS}, got {self.distribution_alignment!r}."

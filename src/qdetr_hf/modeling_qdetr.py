@@ -12,6 +12,7 @@ from transformers.modeling_utils import AttentionInterface
 from transformers.models.detr.modeling_detr import (
     DetrCrossAttention,
     DetrForObjectDetection,
+    DetrFrozenBatchNorm2d,
     DetrSelfAttention,
     eager_attention_forward,
 )
@@ -137,9 +138,15 @@ class QDetrForObjectDetection(DetrForObjectDetection):
     # ------------------------------------------------------------------------------------------------------------
     def _quantize_modules(self) -> None:
         config = self.config
-        offset_kwargs = {"learn_offset": config.activation_offset, "offset_init": config.activation_offset_init}
+        offset_kwargs = {
+            "learn_offset": config.activation_offset,
+            "offset_init": config.activation_offset_init,
+            "integer_offset": config.integer_zero_points,
+        }
         if config.quantize_backbone:
             self._quantize_backbone(offset_kwargs)
+            if config.backbone_residual_bits is not None:
+                self._quantize_residual_stream(offset_kwargs)
         if config.quantize_encoder:
             for i, layer in enumerate(self.model.encoder.layers):
                 prefix = f"model.encoder.layers.{i}"
@@ -181,6 +188,33 @@ class QDetrForObjectDetection(DetrForObjectDetection):
             )
             _set_submodule(backbone, name, quantized)
             first = False
+
+    def _quantize_residual_stream(self, offset_kwargs: dict) -> None:
+        """Quantize each residual block's last BatchNorm output, its shortcut output and the block output."""
+        backbone = self.model.backbone.model
+        blocks = [(n, m) for n, m in backbone.named_modules() if type(m).__name__ in RESIDUAL_BLOCK_LAYERS]
+        if not blocks:
+            raise ValueError(
+                "backbone_residual_bits needs a backbone of residual blocks (timm ResNet BasicBlock / Bottleneck); "
+                f"this backbone ({type(backbone).__name__}) has none."
+            )
+        bits = self.config.backbone_residual_bits
+        for name, block in blocks:
+            prefix = f"model.backbone.model.{name}"
+            norm_attr, act_attr = RESIDUAL_BLOCK_LAYERS[type(block).__name__]
+            setattr(
+                block,
+                norm_attr,
+                QuantFrozenBatchNorm2d.wrap(getattr(block, norm_attr), bits, f"{prefix}.{norm_attr}", offset_kwargs),
+            )
+            if block.downsample is not None:
+                index = len(block.downsample) - 1
+                block.downsample[index] = QuantFrozenBatchNorm2d.wrap(
+                    block.downsample[index], bits, f"{prefix}.downsample.{index}", offset_kwargs
+                )
+            setattr(
+                block, act_attr, QuantReLU.wrap(getattr(block, act_attr), bits, f"{prefix}.{act_attr}", offset_kwargs)
+            )
 
     def _quantize_linear(self, parent: nn.Module, attr: str, name: str, offset_kwargs: dict) -> None:
         layer = getattr(parent, attr)
@@ -294,6 +328,56 @@ class QDetrForObjectDetection(DetrForObjectDetection):
             for name, module in self.named_modules()
             if isinstance(module, (QuantLinear, QuantConv2d, QuantAttention))
         }
+
+
+RESIDUAL_BLOCK_LAYERS = {"BasicBlock": ("bn2", "act2"), "Bottleneck": ("bn3", "act3")}
+"""timm ResNet block class -> (its last BatchNorm before the residual addition, its activation after it)."""
+
+
+class QuantFrozenBatchNorm2d(DetrFrozenBatchNorm2d):
+    """DETR's frozen BatchNorm followed by an LSQ+ quantizer of its output (``output_quantizer``).
+
+    Built by :meth:`wrap` from an existing frozen BatchNorm, sharing its buffers, so checkpoint keys are unchanged.
+    """
+
+    def __init__(self, num_features: int, bits: int, name: str, **offset_kwargs) -> None:
+        super().__init__(num_features)
+        self.output_quantizer = LSQActivationQuantizer(bits, name=name, **offset_kwargs)
+
+    @classmethod
+    def wrap(cls, norm: nn.Module, bits: int, name: str, offset_kwargs: dict) -> QuantFrozenBatchNorm2d:
+        if isinstance(norm, cls):
+            return norm
+        if type(norm) is not DetrFrozenBatchNorm2d:
+            raise TypeError(
+                f"Residual quantization expects DETR's frozen BatchNorm at '{name}', got {type(norm).__name__}."
+            )
+        layer = cls(norm.weight.numel(), bits, name, **offset_kwargs)
+        for key, buffer in norm.named_buffers(recurse=False):
+            setattr(layer, key, buffer)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quantizer(super().forward(x))
+
+
+class QuantReLU(nn.ReLU):
+    """``nn.ReLU`` followed by an LSQ+ quantizer of its output (``output_quantizer``)."""
+
+    def __init__(self, bits: int, name: str, **offset_kwargs) -> None:
+        super().__init__()
+        self.output_quantizer = LSQActivationQuantizer(bits, name=name, **offset_kwargs)
+
+    @classmethod
+    def wrap(cls, act: nn.Module, bits: int, name: str, offset_kwargs: dict) -> QuantReLU:
+        if isinstance(act, cls):
+            return act
+        if type(act) is not nn.ReLU:
+            raise TypeError(f"Residual quantization expects a ReLU at '{name}', got {type(act).__name__}.")
+        return cls(bits, name, **offset_kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quantizer(super().forward(x))
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -54,6 +54,12 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def integer_shift(offset: torch.Tensor, step: torch.Tensor, qn: float, qp: float) -> torch.Tensor:
+    """An offset as whole steps, ``round(z / s)``, limited to ``[-Qn - 255, 255 - Qp]``: the shifts whose codes and
+    integer zero point both fit ONNX's uint8 container (for an unsigned 8-bit range, ``k <= 0``)."""
+    return torch.round(offset / step).clamp_(-qn - 255, 255 - qp)
+
+
 class _LSQFunction(torch.autograd.Function):
     """Fused LSQ/LSQ+ fake quantization with the straight-through estimator.
 
@@ -72,16 +78,30 @@ class _LSQFunction(torch.autograd.Function):
     ``z`` broadcast against ``x``; their gradients are summed back to their own shapes, so a per-channel step (shape
     ``(C, 1, ...)``) gets a per-channel gradient. ``z`` may be ``None`` (symmetric LSQ); ``Qn``, ``Qp`` and
     ``grad_scale`` are Python numbers.
+
+    With ``integer_offset`` the offset counts whole steps, ``k = round(z / s)`` (:func:`integer_shift`), and the
+    forward computes what ONNX's QuantizeLinear / DequantizeLinear compute with an integer zero point: ``q =
+    clamp(round(x / s) - k, Qn, Qp)``, ``out = s * (q + k)``. The gradients are the ones above with ``v = x / s - k``
+    (straight-through for the rounding of ``k``).
     """
 
     @staticmethod
-    def forward(ctx, x, step, offset, qn, qp, grad_scale):  # type: ignore[override]
-        v = x / step if offset is None else (x - offset).div_(step)
-        q = v.clamp(qn, qp)
+    def forward(ctx, x, step, offset, qn, qp, grad_scale, integer_offset=False):  # type: ignore[override]
         needs_grad = any(ctx.needs_input_grad[:3])
-        inside = q == v if needs_grad else None
-        q.round_()
-        out = q * step if offset is None else torch.addcmul(offset, q, step)
+        if integer_offset and offset is not None:
+            shift = integer_shift(offset, step, qn, qp)
+            v = x / step
+            level = torch.round(v).sub_(shift)
+            q = level.clamp(qn, qp)
+            inside = q == level if needs_grad else None
+            v.sub_(shift)
+            out = (q + shift).mul_(step)
+        else:
+            v = x / step if offset is None else (x - offset).div_(step)
+            q = v.clamp(qn, qp)
+            inside = q == v if needs_grad else None
+            q.round_()
+            out = q * step if offset is None else torch.addcmul(offset, q, step)
         if needs_grad:
             ctx.save_for_backward(inside, q, v)
         ctx.shapes = (step.shape, None if offset is None else offset.shape)
@@ -107,7 +127,7 @@ class _LSQFunction(torch.autograd.Function):
             grad_offset = (grad_out.sum_to_size(offset_shape) - grad_x.sum_to_size(offset_shape)) * ctx.grad_scale
         if not ctx.needs_input_grad[0]:
             grad_x = None
-        return grad_x, grad_step, grad_offset, None, None, None
+        return grad_x, grad_step, grad_offset, None, None, None, None
 
 
 def lsq_fake_quantize(
@@ -117,6 +137,7 @@ def lsq_fake_quantize(
     qn: float,
     qp: float,
     grad_scale: float,
+    integer_offset: bool = False,
 ) -> torch.Tensor:
     """Functional LSQ/LSQ+ fake quantization (see :class:`_LSQFunction` for the gradients).
 
@@ -127,12 +148,16 @@ def lsq_fake_quantize(
         qn: Lowest integer level.
         qp: Highest integer level.
         grad_scale: LSQ gradient scale ``1 / sqrt(N * Qp)``.
+        integer_offset: Use the offset as a whole number of steps ``round(z / s)`` (an integer zero point).
     """
     if not torch.is_grad_enabled():  # inference: same numbers, nothing saved for a backward
+        if integer_offset and offset is not None:
+            shift = integer_shift(offset, step, qn, qp)
+            return (torch.round(x / step).sub_(shift).clamp_(qn, qp) + shift).mul_(step)
         v = x / step if offset is None else (x - offset) / step
         q = v.clamp(qn, qp).round()
         return q * step if offset is None else torch.addcmul(offset, q, step)
-    return _LSQFunction.apply(x, step, offset, qn, qp, grad_scale)
+    return _LSQFunction.apply(x, step, offset, qn, qp, grad_scale, integer_offset)
 
 
 def _effective_step(raw_step: torch.Tensor) -> torch.Tensor:
@@ -266,6 +291,9 @@ class LSQActivationQuantizer(_Quantizer):
         known_range: ``(low, high)`` when the input's range is known analytically (the softmax output's ``(0, 1)``):
             calibration then sets ``s = (high - low) / (Qp - Qn)`` and ``z = low - s Qn`` (``z = 0`` when ``low`` is
             0), so the range is covered exactly, instead of using the statistics.
+        integer_offset: Use the offset as a whole number of steps, ``round(z / s)``: an integer zero point, as in
+            ONNX's QuantizeLinear, so an exported model computes exactly what the trained one does (see
+            :class:`_LSQFunction`).
     """
 
     def __init__(
@@ -275,6 +303,7 @@ class LSQActivationQuantizer(_Quantizer):
         offset_init: OffsetInit = "zero",
         name: str = "activation",
         known_range: tuple[float, float] | None = None,
+        integer_offset: bool = False,
     ) -> None:
         super().__init__(bits)
         if known_range is not None and not known_range[0] < known_range[1]:
@@ -286,6 +315,7 @@ class LSQActivationQuantizer(_Quantizer):
             raise ValueError("offset_init='minmax' needs learn_offset=True (plain LSQ has no offset).")
         self.learn_offset = learn_offset
         self.offset_init = offset_init
+        self.integer_offset = integer_offset
         self.name = name
         self.raw_step = nn.Parameter(torch.ones(()))
         self.offset = nn.Parameter(torch.zeros(()), requires_grad=learn_offset)
@@ -324,7 +354,9 @@ class LSQActivationQuantizer(_Quantizer):
         with torch.autocast(device_type=x.device.type, enabled=False):
             n = x.numel() // x.shape[0] if x.dim() > 0 and x.shape[0] > 0 else max(x.numel(), 1)
             offset = self.offset.float() if self.learn_offset else None
-            out = lsq_fake_quantize(x.float(), self.step.float(), offset, qn, qp, 1.0 / math.sqrt(n * qp))
+            out = lsq_fake_quantize(
+                x.float(), self.step.float(), offset, qn, qp, 1.0 / math.sqrt(n * qp), self.integer_offset
+            )
         return out.to(x.dtype)
 
     @torch.no_grad()
@@ -361,7 +393,9 @@ class LSQActivationQuantizer(_Quantizer):
         step = self.step.detach().float()
         offset = self.offset.detach().float() if self.learn_offset else None
         errors = [
-            (lsq_fake_quantize(samples, step * m, offset, qn, qp, 1.0) - samples).pow(2).sum(dtype=torch.float64)
+            (lsq_fake_quantize(samples, step * m, offset, qn, qp, 1.0, self.integer_offset) - samples)
+            .pow(2)
+            .sum(dtype=torch.float64)
             for m in MSE_STEP_MULTIPLIERS
         ]
         return torch.stack(errors)
@@ -444,10 +478,13 @@ class QuantLinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         weight_init: WeightStepInit = "lsq",
+        integer_offset: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight_quantizer = LSQWeightQuantizer(out_features, weight_bits, weight_ndim=2, init=weight_init)
-        self.input_quantizer = LSQActivationQuantizer(activation_bits, learn_offset, offset_init, name=name)
+        self.input_quantizer = LSQActivationQuantizer(
+            activation_bits, learn_offset, offset_init, name=name, integer_offset=integer_offset
+        )
 
     @classmethod
     def from_float(cls, linear: nn.Linear, **kwargs: Any) -> QuantLinear:
@@ -482,11 +519,14 @@ class QuantConv2d(nn.Conv2d):
         offset_init: OffsetInit = "zero",
         name: str = "conv",
         weight_init: WeightStepInit = "lsq",
+        integer_offset: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.weight_quantizer = LSQWeightQuantizer(self.out_channels, weight_bits, weight_ndim=4, init=weight_init)
-        self.input_quantizer = LSQActivationQuantizer(activation_bits, learn_offset, offset_init, name=name)
+        self.input_quantizer = LSQActivationQuantizer(
+            activation_bits, learn_offset, offset_init, name=name, integer_offset=integer_offset
+        )
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **kwargs: Any) -> QuantConv2d:
@@ -611,6 +651,7 @@ class QuantAttention(nn.Module):
         softmax_init: ``"unit_range"``: the softmax-output quantizer covers its exact range ``[0, 1]`` (step
             ``1 / (2^b - 1)``); ``"lsq"``: LSQ's statistics-based init like every other activation.
         alignment_init: Initialisation of the DA affine (see :class:`DistributionAlignment`).
+        integer_offset: Integer zero points for the four quantizers (see :class:`LSQActivationQuantizer`).
     """
 
     def __init__(
@@ -624,6 +665,7 @@ class QuantAttention(nn.Module):
         name: str = "attention",
         softmax_init: Literal["unit_range", "lsq"] = "unit_range",
         alignment_init: AlignmentInit = "unit",
+        integer_offset: bool = False,
     ) -> None:
         super().__init__()
         if softmax_init not in ("unit_range", "lsq"):
@@ -631,7 +673,9 @@ class QuantAttention(nn.Module):
         self.alignment = DistributionAlignment(head_dim, eps, alignment_init) if align_queries else None
 
         def make(part: str, known_range: tuple[float, float] | None = None) -> LSQActivationQuantizer:
-            return LSQActivationQuantizer(bits, learn_offset, offset_init, f"{name}.{part}", known_range)
+            return LSQActivationQuantizer(
+                bits, learn_offset, offset_init, f"{name}.{part}", known_range, integer_offset
+            )
 
         self.q_quantizer = make("q")
         self.k_quantizer = make("k")
@@ -680,14 +724,14 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def activation_quantizers(model: nn.Module) -> list[LSQActivationQuantizer]:
-    """All activation quantizers of ``model`` in module order."""
-    return [m for _, m in quantizers(model) if isinstance(m, LSQActivationQuantizer)]
-
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear | QuantConv2d]:
     """Every quantized Conv2d / Linear layer of ``model`` by module name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
 
+
+def activation_quantizers(model: nn.Module) -> list[LSQActivationQuantizer]:
+    """All activation quantizers of ``model`` in module order."""
+    return [m for _, m in quantizers(model) if isinstance(m, LSQActivationQuantizer)]
 
 
 def _fitted_alignments(model: nn.Module) -> list[DistributionAlignment]:
