@@ -9,6 +9,8 @@ from transformers import AutoConfig, AutoModelForObjectDetection
 
 from .configuration_qdetr import QDetrConfig
 from .modeling_qdetr import QDetrForObjectDetection
+from .onnx_export import OnnxExportReport, export_onnx
+from .onnx_runtime import OnnxDetector
 from .quantization import (
     DistributionAlignment,
     LSQActivationQuantizer,
@@ -33,6 +35,8 @@ __all__ = [
     "DistributionAlignment",
     "LSQActivationQuantizer",
     "LSQWeightQuantizer",
+    "OnnxDetector",
+    "OnnxExportReport",
     "QDetrConfig",
     "QDetrForObjectDetection",
     "QuantAttention",
@@ -40,6 +44,7 @@ __all__ = [
     "QuantLinear",
     "__version__",
     "calibrate",
+    "export_onnx",
     "is_calibrated",
     "lsq_fake_quantize",
     "quantization_disabled",
