@@ -7,11 +7,14 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import warnings
+import weakref
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import numpy as np
@@ -33,6 +36,7 @@ __all__ = [
     "DetrCollator",
     "HubDetectionDataset",
     "ImageInfo",
+    "ImageSizeMismatch",
     "SyntheticShapesDataset",
     "VocDetectionDataset",
     "canonical_split",
@@ -113,6 +117,59 @@ class BoxFix:
     action: Literal["clipped", "dropped"]
     original_xyxy: tuple[float, float, float, float]
     reason: str
+
+
+@dataclass(frozen=True)
+class ImageSizeMismatch:
+    """An image whose width/height in the annotation file disagrees with the image file (the file's size is used).
+
+    Attributes:
+        file_name: The image's file name, as in the annotation file.
+        json_size: ``(width, height)`` in the annotation file.
+        file_size: ``(width, height)`` of the image file.
+    """
+
+    file_name: str
+    json_size: tuple[int, int]
+    file_size: tuple[int, int]
+
+
+def _relative_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a file inside a folder (empty, absolute, or leading out through ``..``), or None.
+
+    Both ``/`` and ``\\`` count as separators, so a name that would escape on Windows is refused everywhere.
+    """
+    if not name:
+        return "is empty"
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        return "is absolute"
+    depth = 0
+    for part in name.replace("\\", "/").split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return "leads outside the folder (through '..')"
+        elif part not in ("", "."):
+            depth += 1
+    return None
+
+
+def _open_image(path: Path, listed_in: str | os.PathLike[str], rgb: bool = True) -> Image.Image | tuple[int, int]:
+    """Decode ``path`` as RGB (``rgb``) or read only its ``(width, height)``; every failure names the file.
+
+    A missing file raises ``FileNotFoundError``; an unreadable, corrupt or truncated one an ``OSError`` naming the file
+    and where it is listed (PIL's own messages, e.g. ``Truncated File Read``, do not say which file).
+    """
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB") if rgb else im.size
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"image {path} listed in {listed_in} does not exist") from err
+    except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
+        raise OSError(
+            f"cannot read image {path} (listed in {listed_in}): {type(err).__name__}: {err}. The file is corrupt "
+            "or truncated: replace it, or remove it from the annotations."
+        ) from err
 
 
 def scaled_coco_area_ranges(width: int, height: int) -> dict[str, tuple[float, float]]:
@@ -404,15 +461,23 @@ def export_coco(dataset: DetectionDataset, output_dir: str | os.PathLike[str]) -
         The path of ``annotations.json``.
 
     Raises:
-        ValueError: If two images share a file name.
+        ValueError: If two images share a file name, or a file name is absolute or leads outside ``images/`` (checked
+            before anything is written).
     """
     output_dir = Path(output_dir)
     images_dir = output_dir / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
     coco = dataset.to_coco_dict()
     names = [img["file_name"] for img in coco["images"]]
+    for i, (record, name) in enumerate(zip(coco["images"], names, strict=True)):
+        problem = _relative_name_problem(str(name))
+        if problem is not None:
+            raise ValueError(
+                f"cannot export {type(dataset).__name__}: image {i} (id {record['id']}) has file name {name!r}, which "
+                f"{problem}; export_coco writes only inside {images_dir}"
+            )
     if len(set(names)) != len(names):
         raise ValueError(f"cannot export {type(dataset).__name__}: image file names are not unique")
+    images_dir.mkdir(parents=True, exist_ok=True)
     for i, record in enumerate(coco["images"]):
         target = images_dir / record["file_name"]
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -438,13 +503,21 @@ class CocoDetectionDataset(DetectionDataset):
     for the dataset. ``iscrowd`` is kept as in the file (the DETR image processor ignores crowd boxes for training;
     COCO evaluation uses them). Images without annotations are kept.
 
+    The image files are authoritative for the sizes, as in the VOC loader: every image's header is read at
+    construction, and a JSON ``width``/``height`` that disagrees with the file is replaced by the file's size (one
+    :class:`DataQualityWarning` for the dataset; the list is in :attr:`size_mismatches`), so boxes are never clipped
+    or dropped against a wrong size. A file that cannot be decoded (corrupt, truncated) raises an ``OSError`` naming
+    it. ``file_name`` entries must be relative names inside ``images_dir``.
+
     Args:
         images_dir: Folder the ``file_name`` entries are relative to.
         annotation_file: The COCO JSON file.
 
     Raises:
-        FileNotFoundError: If the folder or file does not exist.
-        ValueError: If the JSON is not a COCO detection file or references unknown images/categories.
+        FileNotFoundError: If the folder, the file or an image does not exist.
+        OSError: If an image file cannot be read.
+        ValueError: If the JSON is not a COCO detection file, references unknown images/categories, or has an
+            absolute ``file_name`` or one leading outside ``images_dir``.
     """
 
     def __init__(self, images_dir: str | os.PathLike[str], annotation_file: str | os.PathLike[str]) -> None:
@@ -475,6 +548,12 @@ class CocoDetectionDataset(DetectionDataset):
             image_id = int(img["id"])
             if image_id in position:
                 raise ValueError(f"{self.annotation_file}: duplicate image id {image_id}")
+            problem = _relative_name_problem(str(img["file_name"]))
+            if problem is not None:
+                raise ValueError(
+                    f"{self.annotation_file}: image {image_id} has file name {img['file_name']!r}, which {problem}; "
+                    f"file names must be relative to the images folder {self.images_dir}"
+                )
             position[image_id] = len(self._images)
             self._images.append(
                 {
@@ -497,15 +576,35 @@ class CocoDetectionDataset(DetectionDataset):
                 )
             raw[position[image_id]].append(ann)
 
+        # The files are authoritative for the sizes (header reads only).
+        self.size_mismatches: list[ImageSizeMismatch] = []
+        for info in self._images:
+            width, height = _open_image(self.images_dir / info["file_name"], self.annotation_file, rgb=False)
+            if info["width"] > 0 and info["height"] > 0 and (info["width"], info["height"]) != (width, height):
+                self.size_mismatches.append(
+                    ImageSizeMismatch(info["file_name"], (info["width"], info["height"]), (width, height))
+                )
+            info["width"], info["height"] = width, height
+        if self.size_mismatches:
+            listed = ", ".join(
+                f"{m.file_name} (JSON {m.json_size[0]}x{m.json_size[1]}, file {m.file_size[0]}x{m.file_size[1]})"
+                for m in self.size_mismatches[:10]
+            )
+            more = f" and {len(self.size_mismatches) - 10} more" if len(self.size_mismatches) > 10 else ""
+            warnings.warn(
+                f"CocoDetectionDataset({self.annotation_file}): {len(self.size_mismatches)} of {len(self._images)} "
+                f"images have a width/height in the JSON that disagrees with the image file; the file's size is used "
+                f"(boxes are checked against it): {listed}{more}. See the dataset's `size_mismatches` attribute.",
+                DataQualityWarning,
+                stacklevel=2,
+            )
+
         self._annotations: list[list[CocoAnnotation]] = []
         total = 0
         for info, anns in zip(self._images, raw):
             if not anns:
                 self._annotations.append([])
                 continue
-            if info["width"] <= 0 or info["height"] <= 0:
-                with Image.open(self.images_dir / info["file_name"]) as im:
-                    info["width"], info["height"] = im.size
             boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
             xyxy = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
             clipped, keep, was_clipped = _sanitize_boxes(xyxy, info["width"], info["height"])
@@ -536,20 +635,13 @@ class CocoDetectionDataset(DetectionDataset):
 
         Raises:
             FileNotFoundError: If the file named in the JSON does not exist.
+            OSError: If it cannot be decoded (corrupt or truncated); the message names the file.
         """
-        path = self.image_path(index)
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} listed in {self.annotation_file} does not exist")
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return _open_image(self.image_path(index), self.annotation_file)  # type: ignore[return-value]
 
     def get_image_info(self, index: int) -> ImageInfo:
-        """COCO image record of item ``index`` (width/height read from the file when the JSON lacks them)."""
-        info = self._images[self._check_index(index)]
-        if info["width"] <= 0 or info["height"] <= 0:
-            with Image.open(self.image_path(index)) as im:
-                info["width"], info["height"] = im.size
-        return dict(info)  # type: ignore[return-value]
+        """COCO image record of item ``index`` (width/height: the image file's)."""
+        return dict(self._images[self._check_index(index)])  # type: ignore[return-value]
 
     def get_annotations(self, index: int) -> list[CocoAnnotation]:
         """Annotations of item ``index`` with contiguous category ids."""
@@ -560,11 +652,13 @@ class CocoDetectionDataset(DetectionDataset):
 # Pascal VOC
 # ----------------------------------------------------------------------------------------------------------------------
 def _is_voc_root(path: Path) -> bool:
-    return (path / "Annotations").is_dir() and (path / "ImageSets").is_dir()
+    """``Annotations/`` with ``ImageSets/`` (Pascal VOC) or with ``JPEGImages/`` (labelImg's export, no split files)."""
+    return (path / "Annotations").is_dir() and ((path / "ImageSets").is_dir() or (path / "JPEGImages").is_dir())
 
 
 def find_voc_root(path: str | os.PathLike[str]) -> Path | None:
-    """Return the VOC root (folder with ``Annotations/`` and ``ImageSets/``): ``path`` itself or its single child.
+    """Return the VOC root: ``path`` itself or its single child with ``Annotations/`` and ``ImageSets/`` or
+    ``JPEGImages/`` (labelImg exports only ``Annotations/`` and ``JPEGImages/``).
 
     Args:
         path: A VOC root or a folder containing exactly one VOC root (e.g. ``bccd/`` containing ``BCCD/``).
@@ -591,6 +685,11 @@ def _xml_text(node: ET.Element, tag: str, source: Path) -> str:
 class VocDetectionDataset(DetectionDataset):
     """Pascal VOC detection dataset (``Annotations/*.xml``, ``JPEGImages/``, ``ImageSets/Main/<split>.txt``).
 
+    Without split files (no ``ImageSets/Main/*.txt``: labelImg exports only ``Annotations/`` and ``JPEGImages/``)
+    the splits are made from all XML files: ``"trainval"``/``"all"`` is every file, ``"validation"`` a deterministic
+    ``val_fraction`` of them (a permutation of the sorted file names drawn from ``split_seed``) and ``"train"`` the
+    rest; any other split name is an error naming the missing ``ImageSets/Main/<split>.txt``.
+
     Coordinate convention: VOC ``xmin..xmax`` are 1-based *inclusive* pixel indices. A box is converted to 0-based
     continuous coordinates that cover those pixels: ``x = xmin - 1``, ``w = xmax - xmin + 1`` (same for y), so a box
     ``xmin=1, xmax=640`` covers a 640-px-wide image exactly. (This is the convention of Detectron2's VOC loader.)
@@ -603,49 +702,64 @@ class VocDetectionDataset(DetectionDataset):
     ``difficult`` objects are kept, with ``iscrowd=0`` (VOC's "difficult" is not COCO's "crowd": the object is a
     valid single instance, so it is trained on and evaluated like any other). Images without objects are kept.
 
+    Class names are taken as written (surrounding whitespace stripped). Names found in the XML files that differ only
+    by case or whitespace (``"RBC"``, ``"rbc"``, ``"R BC"``) stay separate classes, with one
+    :class:`DataQualityWarning` listing them; pass ``class_names`` to silence it.
+
     Args:
         root: The VOC root, or a folder containing exactly one VOC root (e.g. ``bccd/`` with ``BCCD/`` inside).
         split: Name of ``ImageSets/Main/<split>.txt``; ``"validation"`` finds ``val.txt`` and vice versa.
         class_names: Class names in label-id order. Default: the sorted set of names found in *all* XML files of
             ``Annotations/`` (not only the split's), so ids agree across splits.
+        val_fraction: Without split files: the share of the XML files in ``"validation"``, in ``[0, 1)``.
+        split_seed: Without split files: seed of the permutation that picks them.
 
     Raises:
         FileNotFoundError: If the root, split file, an XML file or an image is missing.
-        ValueError: If an XML file is malformed or names a class not in ``class_names``.
+        OSError: If an image file cannot be read.
+        ValueError: If an XML file is malformed, names a class not in ``class_names`` or has a ``<filename>`` outside
+            ``JPEGImages/``, or ``val_fraction`` is not in ``[0, 1)``.
     """
 
     def __init__(
-        self, root: str | os.PathLike[str], split: str = "trainval", class_names: Sequence[str] | None = None
+        self,
+        root: str | os.PathLike[str],
+        split: str = "trainval",
+        class_names: Sequence[str] | None = None,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
     ) -> None:
         given = Path(root)
         found = find_voc_root(given)
         if found is None:
             raise FileNotFoundError(
-                f"{given} is not a Pascal VOC root: expected a folder with Annotations/, JPEGImages/ and "
+                f"{given} is not a Pascal VOC root: expected a folder with Annotations/, JPEGImages/ and optionally "
                 "ImageSets/Main/<split>.txt (or a folder containing exactly one such folder)"
             )
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         self.root = found
         self.split = split
-        split_file = next(
-            (
-                self.root / "ImageSets" / "Main" / f"{name}.txt"
-                for name in _split_candidates(split)
-                if (self.root / "ImageSets" / "Main" / f"{name}.txt").is_file()
-            ),
-            None,
-        )
-        if split_file is None:
-            available = sorted(p.stem for p in (self.root / "ImageSets" / "Main").glob("*.txt"))
-            raise FileNotFoundError(
-                f"no split file for split {split!r} in {self.root / 'ImageSets' / 'Main'}; available: {available}"
-            )
-        self.split_file = split_file
-        ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
-
+        self.val_fraction, self.split_seed = float(val_fraction), int(split_seed)
+        main = self.root / "ImageSets" / "Main"
+        available = sorted(p.stem for p in main.glob("*.txt")) if main.is_dir() else []
         xml_files = sorted((self.root / "Annotations").glob("*.xml"))
+        self.split_file: Path | None = None
+        if available:
+            split_file = next(
+                (main / f"{name}.txt" for name in _split_candidates(split) if (main / f"{name}.txt").is_file()), None
+            )
+            if split_file is None:
+                raise FileNotFoundError(f"no split file for split {split!r} in {main}; available: {available}")
+            self.split_file = split_file
+            ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+        else:
+            ids = self._split_without_files([p.stem for p in xml_files], split)
+
         parsed = {p.stem: self._parse_xml(p) for p in xml_files}
         if class_names is None:
             class_names = sorted({obj[0] for record in parsed.values() for obj in record["objects"]})
+            self._warn_near_duplicate_names(parsed)
         super().__init__(dict(enumerate(class_names)))
         label2id = self.label2id
         global_index = {stem: k for k, stem in enumerate(parsed)}
@@ -660,8 +774,7 @@ class VocDetectionDataset(DetectionDataset):
                 raise FileNotFoundError(f"{split_file} lists {image_id!r} but {image_id}.xml is not in Annotations/")
             record = parsed[image_id]
             path = self._find_image(image_id, record["filename"])
-            with Image.open(path) as im:
-                width, height = im.size  # the image file is authoritative for the size
+            width, height = _open_image(path, f"{image_id}.xml", rgb=False)  # the file is authoritative for the size
             objects = record["objects"]
             unknown = sorted({name for name, *_ in objects if name not in label2id})
             if unknown:
@@ -689,6 +802,49 @@ class VocDetectionDataset(DetectionDataset):
             self._paths.append(path)
         _warn_fixes(f"VocDetectionDataset({self.root}, split={split!r})", self.box_fixes, total)
 
+    def _split_without_files(self, stems: list[str], split: str) -> list[str]:
+        """The ids of ``split`` when the root has no split files (see the class docstring)."""
+        canonical = canonical_split(split)
+        if canonical in ("trainval", "all"):
+            return stems
+        if canonical not in ("train", "validation"):
+            raise FileNotFoundError(
+                f"no split file {self.root / 'ImageSets' / 'Main' / f'{split}.txt'}: {self.root} has no "
+                "ImageSets/Main/ split files (labelImg's layout), so its splits are made from all XML files: "
+                f"'train' and 'validation' (val_fraction={self.val_fraction}, split_seed={self.split_seed}) and "
+                f"'trainval' or 'all'. Write ImageSets/Main/{split}.txt for a {split!r} split."
+            )
+        order = np.random.default_rng(self.split_seed).permutation(len(stems))
+        in_val = np.zeros(len(stems), dtype=bool)
+        in_val[order[: round(self.val_fraction * len(stems))]] = True
+        return [stem for stem, val in zip(stems, in_val.tolist(), strict=True) if val == (canonical == "validation")]
+
+    def _warn_near_duplicate_names(self, parsed: Mapping[str, dict[str, Any]]) -> None:
+        """One :class:`DataQualityWarning` for class names that differ only by case or whitespace."""
+        counts: dict[str, Counter[str]] = {}  # normalised name -> name as written -> objects
+        files: dict[str, str] = {}  # name as written -> first XML file using it
+        for stem, record in parsed.items():
+            for name, _ in record["objects"]:
+                counts.setdefault("".join(name.split()).casefold(), Counter())[name] += 1
+                files.setdefault(name, f"{stem}.xml")
+        groups = [names for names in counts.values() if len(names) > 1]
+        if not groups:
+            return
+
+        def spelled(name: str, n: int, common: bool) -> str:  # where the rarer spellings are, e.g. 'rbc' in b.xml
+            return f"{name!r} ({n} object{'s' if n != 1 else ''}{'' if common else f', {files[name]}'})"
+
+        listed = "; ".join(
+            ", ".join(spelled(name, n, k == 0) for k, (name, n) in enumerate(group.most_common())) for group in groups
+        )
+        warnings.warn(
+            f"VocDetectionDataset({self.root}): class names that differ only by case or whitespace are separate "
+            f"classes: {listed}. Fix the <name> of those objects, or pass class_names=[...] to keep them apart "
+            "deliberately.",
+            DataQualityWarning,
+            stacklevel=3,
+        )
+
     @staticmethod
     def _parse_xml(path: Path) -> dict[str, Any]:
         try:
@@ -712,6 +868,11 @@ class VocDetectionDataset(DetectionDataset):
 
     def _find_image(self, image_id: str, filename: str | None) -> Path:
         folder = self.root / "JPEGImages"
+        problem = _relative_name_problem(filename) if filename else None
+        if problem is not None:
+            raise ValueError(
+                f"{self.root / 'Annotations' / f'{image_id}.xml'}: <filename> {filename!r} {problem} (outside {folder})"
+            )
         candidates = [folder / filename] if filename else []
         candidates += [folder / f"{image_id}{suffix}" for suffix in IMAGE_SUFFIXES]
         for candidate in candidates:
@@ -728,9 +889,13 @@ class VocDetectionDataset(DetectionDataset):
         return self._paths[self._check_index(index)]
 
     def load_image(self, index: int) -> Image.Image:
-        """Load image ``index`` as RGB."""
-        with Image.open(self.image_path(index)) as im:
-            return im.convert("RGB")
+        """Load image ``index`` as RGB.
+
+        Raises:
+            OSError: If it cannot be decoded (corrupt or truncated); the message names the file.
+        """
+        index = self._check_index(index)
+        return _open_image(self._paths[index], f"{self.ids[index]}.xml")  # type: ignore[return-value]
 
     def get_image_info(self, index: int) -> ImageInfo:
         """COCO image record; ``id`` is the image's position among all annotation files (stable across splits)."""
@@ -788,7 +953,9 @@ class HubDetectionDataset(DetectionDataset):
         class_names: Class names in label-id order when the dataset has no ``ClassLabel``.
         bbox_format: ``"coco"`` (``[x, y, w, h]``, the default, e.g. ``cppe-5``) or ``"pascal_voc"`` (``[x0, y0, x1,
             y1]`` absolute corners, as stored by some Hub datasets: check the dataset card).
-        **load_kwargs: Extra arguments for ``datasets.load_dataset`` (e.g. ``cache_dir``, ``revision``).
+        **load_kwargs: Extra arguments for ``datasets.load_dataset`` (e.g. ``cache_dir``, ``revision``). A local data
+            folder without ``cache_dir`` is prepared in a temporary folder, removed when the ``datasets.Dataset``
+            is (or at once when the load fails), so loading a local folder never writes to ``~/.cache``.
 
     Raises:
         ValueError: If columns are missing, the split does not exist or ``bbox_format`` is unknown.
@@ -813,19 +980,33 @@ class HubDetectionDataset(DetectionDataset):
         self.image_column = image_column
         self.objects_column = objects_column
         self.split = split
-        if isinstance(name_or_path, (datasets.Dataset, datasets.DatasetDict)):
-            source = f"<{type(name_or_path).__name__}>"
-            data: Any = name_or_path
-        else:
-            source = str(name_or_path)
-            data = self._load(name_or_path, split, **load_kwargs)
-        if isinstance(data, datasets.DatasetDict):
-            data = _select_split(data, split, source)
+        given = isinstance(name_or_path, (datasets.Dataset, datasets.DatasetDict))
+        source = f"<{type(name_or_path).__name__}>" if given else str(name_or_path)
+        local_folder = not given and Path(name_or_path).expanduser().is_dir()
+        temporary_cache: str | None = None
+        if local_folder and not _is_saved_to_disk(Path(name_or_path).expanduser()) and "cache_dir" not in load_kwargs:
+            temporary_cache = tempfile.mkdtemp(prefix="qdetr-hf-datasets-")
+            load_kwargs = {**load_kwargs, "cache_dir": temporary_cache}
+        try:
+            data: Any = name_or_path if given else self._load(name_or_path, split, **load_kwargs)
+            if isinstance(data, datasets.DatasetDict):
+                data = _select_split(data, split, source)
+            missing = [c for c in (image_column, objects_column) if c not in data.column_names]
+            if missing and local_folder:
+                raise ValueError(
+                    f"{source} is not a VOC root, a COCO folder, a save_to_disk folder or a data folder with detection "
+                    f"columns: datasets.load_dataset reads it with columns {data.column_names}, missing {missing}"
+                )
+            if missing:
+                raise ValueError(f"{source}: missing column(s) {missing}; columns are {data.column_names}")
+        except BaseException:
+            if temporary_cache is not None:
+                shutil.rmtree(temporary_cache, ignore_errors=True)
+            raise
+        if temporary_cache is not None:
+            weakref.finalize(data, shutil.rmtree, temporary_cache, True)
         self.source = source
         self.hf_dataset: datasets.Dataset = data
-        missing = [c for c in (image_column, objects_column) if c not in data.column_names]
-        if missing:
-            raise ValueError(f"{source}: missing column(s) {missing}; columns are {data.column_names}")
 
         self.original_category_ids: dict[int, int] | None = None
         self._category_map: dict[Any, int] | None = None  # raw category value -> contiguous id
@@ -1366,12 +1547,15 @@ def load_detection_dataset(
 
     - ``"synthetic"`` -> :class:`SyntheticShapesDataset`; splits ``train``/``validation``/``test`` use seeds ``seed +
       0 / 1_000_000 / 2_000_000`` (``seed`` kwarg, default 0) and default sizes 2000/200/200 (``num_images`` kwarg).
-    - a folder with ``Annotations/`` + ``ImageSets/`` (or containing exactly one such folder) -> VOC.
+    - a folder with ``Annotations/`` + ``ImageSets/`` or ``JPEGImages/`` (or containing exactly one such folder) ->
+      VOC; without split files (labelImg's layout) the splits are drawn from all XML files (``val_fraction`` and
+      ``split_seed`` kwargs, see :class:`VocDetectionDataset`).
     - a ``save_to_disk`` folder -> :class:`HubDetectionDataset` via ``datasets.load_from_disk``.
     - a COCO ``.json`` file (images in a sibling ``images/`` folder, else next to the file; or ``images_dir``
       kwarg), or a folder with ``[<split>/]annotations.json`` (+ ``images/``) or
       ``annotations/instances_<split>[2017].json`` (+ ``<split>[2017]/``) -> COCO.
-    - another existing folder -> ``datasets.load_dataset(path)`` (e.g. imagefolder with ``metadata.jsonl``).
+    - another existing folder -> ``datasets.load_dataset(path)`` (e.g. imagefolder with ``metadata.jsonl``), prepared
+      in a temporary folder unless a ``cache_dir`` kwarg is given (see :class:`HubDetectionDataset`).
     - anything else -> a Hub dataset name via ``datasets.load_dataset``.
 
     ``dataset_format`` may force ``"synthetic"``, ``"voc"``, ``"coco"`` or ``"hub"``. Split names are mapped
@@ -1420,8 +1604,8 @@ def load_detection_dataset(
             return VocDetectionDataset(voc_root, split=split, **kwargs)
         if fmt == "voc":
             raise FileNotFoundError(
-                f"{path} is not a Pascal VOC root: expected Annotations/, JPEGImages/ and ImageSets/Main/ in it "
-                "or in its single sub-folder"
+                f"{path} is not a Pascal VOC root: expected Annotations/ and JPEGImages/ (and optionally "
+                "ImageSets/Main/) in it or in its single sub-folder"
             )
     if fmt == "auto" and path.is_dir() and _is_saved_to_disk(path):
         return HubDetectionDataset(path, split=split, **kwargs)
