@@ -346,3 +346,45 @@ def test_object_detection_pipeline(saved_qdetr):
     assert len(result) == 8  # one per query
     assert all(0 <= r["box"]["xmin"] <= r["box"]["xmax"] <= 80 for r in result)
     assert {r["label"] for r in result} <= set(detector.model.config.id2label.values())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("distribution_alignment", "crossattention"),
+        ("distribution_alignment_init", "fitted"),
+        ("distribution_alignment_eps", 0.0),
+        ("attention_bits", 99),
+        ("softmax_quantizer_init", "unit"),
+        ("backbone_residual_bits", 1),
+    ],
+)
+def test_from_pretrained_overrides_are_validated_like_the_config(detr_checkpoint, field, value):
+    with pytest.raises(ValueError, match=field):
+        QDetrForObjectDetection.from_pretrained(detr_checkpoint[0], **{field: value})
+
+
+def test_a_trained_qdetr_keeps_its_bit_widths(tmp_path, images):
+    model = tiny_qdetr()
+    calibrate(model, [images])
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"weight_bits 4 -> 2"):
+        QDetrForObjectDetection.from_pretrained(tmp_path, weight_bits=2)
+    with pytest.raises(ValueError, match=r"activation_bits 4 -> 3"):
+        AutoModelForObjectDetection.from_pretrained(tmp_path, activation_bits=3)
+    # Same widths, or other settings (e.g. Q-DETR's second stage quantizing more parts), still load.
+    assert QDetrForObjectDetection.from_pretrained(tmp_path, weight_bits=4).is_calibrated
+
+
+@pytest.mark.parametrize("other", ["bert", "yolos"])
+def test_a_non_detr_checkpoint_is_refused_naming_its_type(tmp_path, other):
+    AutoConfig.for_model(other).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"'{other}' model, not DETR"):
+        QDetrForObjectDetection.from_pretrained(tmp_path)
+
+
+def test_a_missing_local_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Model folder not found: .*no-such-run"):
+        QDetrForObjectDetection.from_pretrained(tmp_path / "no-such-run")
+    with pytest.raises(FileNotFoundError, match="not found: ./runs/typo"):
+        QDetrForObjectDetection.from_pretrained("./runs/typo")

@@ -115,7 +115,7 @@ def test_a_packed_model_fine_tunes_from_its_dequantized_weights(tmp_path, images
 
 def test_a_packed_checkpoint_refuses_other_bit_widths(tmp_path, images):
     _tiny_calibrated(images, weight_bits=4).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="packed layers do not match"):
+    with pytest.raises(ValueError, match="weight_bits 4 -> 2"):
         QDetrForObjectDetection.from_pretrained(tmp_path, weight_bits=2)
 
 

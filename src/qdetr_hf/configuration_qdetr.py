@@ -174,6 +174,17 @@ class QDetrConfig(DetrConfig):
         # A real-valued DETR config.json (model_type "detr") loaded through QDetrConfig becomes a Q-DETR config.
         kwargs.pop("model_type", None)
         self.model_type = type(self).model_type
+        self.validate_quantization()
+        super().__post_init__(**kwargs)
+
+    def validate_quantization(self) -> None:
+        """Check every quantization field, naming the bad one. Run at construction and again by
+        `QDetrForObjectDetection` when it builds the model: `from_pretrained(..., field=value)` sets its overrides on
+        an already built config, where a typo would otherwise pass unseen.
+
+        Raises:
+            ValueError: If a field has a value outside its choices or range.
+        """
         for field in ("weight_bits", "activation_bits", "attention_bits", "first_conv_bits"):
             _check_bits(getattr(self, field), field)
         if self.backbone_residual_bits is not None:
@@ -209,15 +220,24 @@ class QDetrConfig(DetrConfig):
             raise ValueError(
                 "QDetrConfig.activation_offset_init='minmax' needs activation_offset=True (plain LSQ has no offset)."
             )
-        super().__post_init__(**kwargs)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         """Load a config dictionary; a real-valued DETR config (``model_type: detr``) is accepted as the starting
-        point of a conversion and relabelled ``qdetr``."""
+        point of a conversion and relabelled ``qdetr``; any other model type is refused.
+
+        Raises:
+            ValueError: If the checkpoint is neither DETR nor Q-DETR (e.g. BERT, YOLOS).
+        """
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        if config_dict.get("model_type") == DetrConfig.model_type:
+        model_type = config_dict.get("model_type")
+        if model_type == DetrConfig.model_type:
             config_dict = {**config_dict, "model_type": cls.model_type}
+        elif model_type != cls.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {model_type!r} model, not DETR: Q-DETR converts DETR "
+                f"checkpoints (model_type 'detr') or loads its own ('qdetr')."
+            )
         return config_dict, kwargs
 
     @property

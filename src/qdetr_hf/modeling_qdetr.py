@@ -19,6 +19,7 @@ from transformers.models.detr.modeling_detr import (
 from transformers.utils import logging
 
 from .configuration_qdetr import QDetrConfig
+from .hub_utils import check_local_path
 from .packing import pack_state_dict, register_packed_buffers, unpack_layer
 from .quantization import (
     DistributionAlignment,
@@ -32,6 +33,10 @@ from .quantization import (
 
 logger = logging.get_logger(__name__)
 
+BIT_FIELDS = ("weight_bits", "activation_bits", "attention_bits", "first_conv_bits", "backbone_residual_bits")
+"""Config fields that set bit widths: a trained Q-DETR checkpoint cannot be loaded with other values."""
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+"""`from_pretrained` keyword arguments that locate the checkpoint (passed on when reading its config)."""
 QDETR_ATTENTION = "qdetr"
 """Name of the attention implementation registered by this module in transformers' ``AttentionInterface``."""
 
@@ -102,8 +107,45 @@ class QDetrForObjectDetection(DetrForObjectDetection):
                 f"QDetrForObjectDetection needs a QDetrConfig, got {type(config).__name__}; build one with "
                 "QDetrConfig(**detr_config.to_dict()) or load with QDetrForObjectDetection.from_pretrained(...)."
             )
+        config.validate_quantization()  # from_pretrained's overrides were set after the config was built
         config._attn_implementation_internal = QDETR_ATTENTION
         super().__init__(config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` for DETR (converted) and Q-DETR checkpoints, local or on the Hub.
+
+        Keyword arguments override `QDetrConfig` fields and are validated like the config's own. A trained Q-DETR
+        keeps its bit widths: its steps and calibration belong to them, so overriding `weight_bits`,
+        `activation_bits`, `attention_bits`, `first_conv_bits` or `backbone_residual_bits` of a Q-DETR checkpoint is
+        refused (convert a real-valued checkpoint instead, or re-quantize the loaded model explicitly).
+
+        Raises:
+            FileNotFoundError: If a local path does not exist.
+            ValueError: If the checkpoint is not DETR / Q-DETR, an override is invalid, or a Q-DETR checkpoint's bit
+                widths would change.
+        """
+        check_local_path(pretrained_model_name_or_path, "Model folder")
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        saved, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        config = kwargs.get("config")
+
+        def requested(field: str) -> object:
+            if field in kwargs:
+                return kwargs[field]
+            return getattr(config, field, None) if config is not None else saved.get(field)
+
+        is_qdetr = "weight_bits" in saved  # a converted DETR checkpoint has no bit widths yet
+        changed = {f: (saved.get(f), requested(f)) for f in BIT_FIELDS if is_qdetr and saved.get(f) != requested(f)}
+        if changed:
+            described = ", ".join(f"{f} {old} -> {new}" for f, (old, new) in changed.items())
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is a trained Q-DETR at {saved.get('weight_bits')}-"
+                f"{saved.get('activation_bits')}-{saved.get('attention_bits')}; loading it with other bit widths "
+                f"({described}) would keep steps and calibration made for the old ones. Load it as saved, or convert "
+                "the real-valued checkpoint at the new widths."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def _check_and_adjust_attn_implementation(
         self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False

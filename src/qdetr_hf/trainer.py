@@ -28,6 +28,7 @@ from .distillers.base import (
     capture_decoder_inputs,
     check_label_spaces,
 )
+from .hub_utils import check_local_path
 from .metrics import detection_gather_for_metrics, make_compute_metrics
 from .quantization import activation_quantizers, calibrate, is_calibrated
 
@@ -207,9 +208,7 @@ def load_teacher(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedMo
     Raises:
         FileNotFoundError: If ``name_or_path`` looks like a local path that does not exist.
     """
-    path = Path(name_or_path)
-    if (path.is_absolute() or str(name_or_path).startswith(".")) and not path.exists():
-        raise FileNotFoundError(f"Teacher model folder not found: {name_or_path}")
+    check_local_path(name_or_path, "Teacher model folder")
     kwargs.setdefault("attn_implementation", "eager")
     return AutoModelForObjectDetection.from_pretrained(name_or_path, **kwargs)
 
