@@ -94,6 +94,20 @@ class ModelArguments:
         default="lsq",
         metadata={"help": "Initial weight steps: 'lsq' (paper) or 'mse' (per-channel clipping search)."},
     )
+    integer_zero_points: bool = field(
+        default=False,
+        metadata={
+            "help": "Train LSQ+ offsets as whole steps (integer zero points), so the ONNX export is exact "
+            "(main job: true; paper: false, real-valued offsets)."
+        },
+    )
+    backbone_residual_bits: int | None = field(
+        default=None,
+        metadata={
+            "help": "Quantize the backbone's residual stream at these bits, so every backbone convolution runs as an "
+            "integer kernel in ONNX Runtime (main job: 8; paper: none)."
+        },
+    )
     two_stage: bool = field(
         default=False,
         metadata={"help": "Q-DETR's two-stage schedule: backbone-only quantization first, then the full model."},
@@ -152,6 +166,24 @@ class DataArguments(DatasetArguments):
     visualization_threshold: float = field(default=0.5, metadata={"help": "Score threshold of detections.png."})
 
 
+@dataclass
+class DeployArguments:
+    """ONNX export of the trained student and the measurements of the deployed models."""
+
+    export_onnx: bool = field(
+        default=True,
+        metadata={
+            "help": "Export the student to output_dir/model.onnx (integer QDQ graph) and the teacher to "
+            "output_dir/_onnx/teacher.onnx, evaluate the exported student and time both with ONNX Runtime."
+        },
+    )
+    latency_runs: int = field(default=20, metadata={"help": "Timed ONNX Runtime calls per model (median reported)."})
+
+    def __post_init__(self) -> None:
+        if self.latency_runs < 1:
+            raise ValueError(f"--latency_runs must be >= 1, got {self.latency_runs}.")
+
+
 # The main job is a short CPU schedule (at most 15 minutes on 2 cores), so five choices differ from the paper's long
 # runs, each measured on the synthetic data with DA + DRD: batch 8 rather than 16 for more updates in the same time
 # (2,000 x 8: 28.6 AP against 1,000 x 16: 25.8 AP; 4,000 x 4: 29.1 against 2,400 x 8: 31.5), a learning rate 6x the
@@ -173,6 +205,8 @@ MAIN_JOB_DEFAULTS = [
     "--weight_step_init", "mse",
     "--distribution_alignment_init", "fit",
     "--activation_offset_init", "mse",
+    "--integer_zero_points", "true",
+    "--backbone_residual_bits", "8",
     "--lr_scheduler_type", "cosine",
     "--warmup_steps", "50",
     "--logging_steps", "50",
@@ -283,6 +317,8 @@ def quantization_kwargs(args: ModelArguments, stage: int | None = None) -> dict[
         "activation_offset_init": args.activation_offset_init,
         "weight_step_init": args.weight_step_init,
         "distribution_alignment_init": args.distribution_alignment_init,
+        "integer_zero_points": args.integer_zero_points,
+        "backbone_residual_bits": args.backbone_residual_bits,
     }
     if stage is not None:
         kwargs.update(quantize_backbone=True, quantize_encoder=stage == 2, quantize_decoder=stage == 2)
@@ -303,15 +339,71 @@ def processor_for(teacher_path: str, image_size: int | None):
     return processor, int(side)
 
 
+TABLE_COLUMNS = (  # (key, title, width, format, scale)
+    ("AP", "AP", 7, ".1f", 100),
+    ("AP50", "AP50", 7, ".1f", 100),
+    ("AP75", "AP75", 7, ".1f", 100),
+    ("size_mb", "size MB", 9, ".2f", 1),
+    ("speedup", "speed-up", 10, ".2f", 1),
+    ("file_mb", "file MB", 9, ".2f", 1),
+    ("onnx_mb", "ONNX MB", 9, ".2f", 1),
+    ("latency_ms", "ORT ms", 9, ".1f", 1),
+)
+
+
 def format_table(rows: dict[str, dict[str, float]]) -> str:
-    header = f"{'model':<26}{'AP':>7}{'AP50':>7}{'AP75':>7}{'size MB':>9}{'speed-up':>10}"
+    """The main job's table: accuracy, the paper-convention size and speed-up, and where measured the checkpoint
+    size on disk, the ONNX file size and the ONNX Runtime latency ('-' where a row has no such number)."""
+    header = f"{'model':<30}" + "".join(f"{title:>{width}}" for _, title, width, _, _ in TABLE_COLUMNS)
     lines = [header, "-" * len(header)]
     for name, row in rows.items():
-        lines.append(
-            f"{name:<26}{100 * row['AP']:>7.1f}{100 * row['AP50']:>7.1f}{100 * row['AP75']:>7.1f}"
-            f"{row['size_mb']:>9.2f}{row['speedup']:>9.2f}x"
-        )
+        cells = [
+            f"{'-':>{width}}"
+            if key not in row
+            else f"{scale * row[key]:>{width - (key == 'speedup')}{fmt}}" + "x" * (key == "speedup")
+            for key, _, width, fmt, scale in TABLE_COLUMNS
+        ]
+        lines.append(f"{name:<30}" + "".join(cells))
     return "\n".join(lines)
+
+
+def measure_deployment(
+    teacher, student, output_dir: Path, image_size: int, processor, eval_dataset, eval_collator, args, threads: int
+) -> dict[str, Any]:
+    """Export teacher (fp32) and student (integer) to ONNX, evaluate the exported student, and measure file sizes
+    and ONNX Runtime latency of both side by side (same machine, threads and input)."""
+    import tempfile
+
+    from qdetr_hf import OnnxDetector, export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:  # the teacher's fp32 checkpoint as save_pretrained writes it
+        teacher.save_pretrained(tmp)
+        teacher_file_mb = (Path(tmp) / "model.safetensors").stat().st_size / 2**20
+    student_onnx = export_onnx(student, output_dir / "model.onnx", image_size)
+    teacher_onnx = export_onnx(teacher, output_dir / "_onnx" / "teacher.onnx", image_size)
+    student_ort = OnnxDetector(student_onnx.path, processor, num_threads=threads)
+    teacher_ort = OnnxDetector(teacher_onnx.path, processor, num_threads=threads)
+    metrics = student_ort.evaluate(
+        eval_dataset, eval_collator, area_ranges=eval_dataset.area_ranges, show_progress=True
+    )
+    import onnxruntime
+
+    return {
+        "threads": threads,
+        "onnxruntime": onnxruntime.__version__,
+        "teacher": {
+            "file_mb": teacher_file_mb,
+            "onnx_mb": teacher_onnx.file_mb,
+            "latency_ms": teacher_ort.latency_ms(args.latency_runs),
+        },
+        "student": {
+            "file_mb": (output_dir / "model.safetensors").stat().st_size / 2**20,
+            "onnx_mb": student_onnx.file_mb,
+            "latency_ms": student_ort.latency_ms(args.latency_runs),
+            "metrics": {k: v for k, v in metrics.items() if "AP" in k or "AR" in k},
+            "max_zero_point_rounding": student_onnx.max_zero_point_rounding,
+        },
+    }
 
 
 def coco_metrics_for(model, dataset):
@@ -369,9 +461,11 @@ def train_student(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = HfArgumentParser((ModelArguments, DistillationArguments, DataArguments, QDetrTrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DistillationArguments, DataArguments, DeployArguments, QDetrTrainingArguments)
+    )
     user_argv = sys.argv[1:] if argv is None else list(argv)
-    model_args, distill_args, data_args, training_args = parser.parse_args_into_dataclasses(
+    model_args, distill_args, data_args, deploy_args, training_args = parser.parse_args_into_dataclasses(
         MAIN_JOB_DEFAULTS + user_argv
     )
     training_args.max_train_minutes = run_time_limit(user_argv, training_args.max_train_minutes)
@@ -383,7 +477,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError as error:
         parser.error(str(error))
     set_seed(training_args.seed)
-    logger.info(f"PyTorch uses {configure_cpu_threads(training_args)} CPU thread(s) per process")
+    threads = configure_cpu_threads(training_args)
+    logger.info(f"PyTorch uses {threads} CPU thread(s) per process")
     started = time.time()
     output_dir = Path(training_args.output_dir)
 
@@ -454,6 +549,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]:
         rows[name] = {**metrics, "size_mb": eff.size_mb, "ops_g": eff.ops_g, "speedup": eff.speedup}
 
+    deployment = None
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(output_dir))  # packed b-bit weights
+        if deploy_args.export_onnx:
+            deployment = measure_deployment(
+                teacher,
+                trainer.model,
+                output_dir,
+                image_size,
+                processor,
+                eval_dataset,
+                eval_collator,
+                deploy_args,
+                threads,
+            )
+            rows["teacher (fp32)"].update(deployment["teacher"])
+            rows[student_row]["file_mb"] = deployment["student"]["file_mb"]
+            rows[f"student {bits}, ONNX Runtime"] = {
+                **deployment["student"]["metrics"],
+                "onnx_mb": deployment["student"]["onnx_mb"],
+                "latency_ms": deployment["student"]["latency_ms"],
+            }
+        else:
+            rows[student_row]["file_mb"] = (output_dir / "model.safetensors").stat().st_size / 2**20
     table = format_table(rows)
     wall_time = time.time() - started
     results = {
@@ -464,11 +583,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "method": method,
         "rows": rows,
         "efficiency": {"teacher": teacher_eff.to_dict(), "student": student_eff.to_dict()},
+        "deployment": deployment,
         "wall_time_s": wall_time,
         "steps": trainer.state.global_step,
         "stopped_by_time_limit": trainer.time_limit is not None and trainer.time_limit.stopped_at_step is not None,
         "processes": training_args.world_size,
-        "args": {"model": asdict(model_args), "distillation": asdict(distill_args), "data": asdict(data_args)},
+        "args": {
+            "model": asdict(model_args),
+            "distillation": asdict(distill_args),
+            "data": asdict(data_args),
+            "deploy": asdict(deploy_args),
+        },
     }
     if trainer.is_world_process_zero():
         print("\n" + table + "\n", flush=True)
@@ -478,7 +603,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{results['steps']} of {training_args.max_steps} steps.\n",
                 flush=True,
             )
-        trainer.save_model(str(output_dir))
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
         png = visualize(
             trainer.model,
@@ -516,6 +640,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eval_split=data_args.eval_split,
         num_eval_images=len(eval_dataset),
         repo_id=training_args.hub_model_id,
+        deployment=deployment,
     )
     trainer.create_model_card()
     if training_args.push_to_hub:

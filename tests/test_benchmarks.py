@@ -83,3 +83,19 @@ def test_speed_quick_mode(tmp_path, tiny_teacher_dir):
     assert results["ratios"]["qat_drd_over_fp"] > 0
     assert results["fake_quant"]["max_abs_difference"] < 1e-5
     assert json.loads((tmp_path / "speed.json").read_text())["batch_size"] == 2
+
+
+@pytest.mark.slow
+def test_deploy_quick_mode(tmp_path):
+    deploy = _load("deploy")
+    results = deploy.main(
+        ["--quick", "--runs", "1", "--threads", "1", "--output_dir", str(tmp_path), "--trained_students"]
+    )
+    student = results["architectures"]["student"]
+    assert student["fp32"]["safetensors_mb"] > 4 * student["bits"]["4-4-8"]["packed_safetensors_mb"]
+    latency = student["bits"]["4-4-8"]["latency_ms"]
+    assert {"pytorch_fake_quant@1", "ort_integer@1", "ratio_ort_fp32_over_integer@1"} <= set(latency)
+    assert student["bits"]["4-4-8"]["optimised_graph_ops"]["QLinearConv"] > 0
+    assert "zero_points" not in results  # no trained student given
+    text = (tmp_path / "deploy.md").read_text()
+    assert "ONNX Runtime integer 4-4-8" in text and "What ONNX Runtime runs" in text

@@ -31,6 +31,7 @@ TINY_RUN = [
     "--logging_steps", "1",
     "--disable_tqdm", "true",
     "--use_cpu", "true",
+    "--export_onnx", "false",  # exporting takes ~25 s a model: only the main-job test below exports
 ]  # fmt: skip
 
 
@@ -51,14 +52,31 @@ def distill():
 def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir, distill, capsys):
     output_dir = tmp_path / "student"
     results = distill.main(
-        ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(output_dir), *TINY_RUN]
-    )
+        [
+            "--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(output_dir), *TINY_RUN,
+            "--export_onnx", "true", "--latency_runs", "2",
+        ]
+    )  # fmt: skip
     printed = capsys.readouterr().out
     assert "teacher (fp32)" in printed and "student 4-4-8, drd" in printed and "speed-up" in printed
-    assert set(results["rows"]) == {"teacher (fp32)", "student 4-4-8, untrained", "student 4-4-8, drd"}
-    for row in results["rows"].values():
-        assert {"AP", "AP50", "AP75", "size_mb", "speedup"} <= set(row)
-    assert results["rows"]["student 4-4-8, drd"]["speedup"] > 3
+    assert "ORT ms" in printed and "file MB" in printed
+    rows = results["rows"]
+    assert set(rows) == {
+        "teacher (fp32)", "student 4-4-8, untrained", "student 4-4-8, drd", "student 4-4-8, ONNX Runtime"
+    }  # fmt: skip
+    for name in ("teacher (fp32)", "student 4-4-8, untrained", "student 4-4-8, drd"):
+        assert {"AP", "AP50", "AP75", "size_mb", "speedup"} <= set(rows[name])
+    assert rows["student 4-4-8, drd"]["speedup"] > 3
+    # Measured deployment: files on disk and ONNX Runtime latency beside the theoretical numbers.
+    assert {"file_mb", "onnx_mb", "latency_ms"} <= set(rows["teacher (fp32)"])
+    assert {"onnx_mb", "latency_ms"} <= set(rows["student 4-4-8, ONNX Runtime"])
+    assert rows["student 4-4-8, drd"]["file_mb"] < rows["teacher (fp32)"]["file_mb"] / 2  # packed weights
+    assert rows["student 4-4-8, drd"]["file_mb"] == pytest.approx(
+        (output_dir / "model.safetensors").stat().st_size / 2**20
+    )
+    # The exported student is the trained one: same AP on the same images (integer zero points make it exact).
+    assert abs(rows["student 4-4-8, ONNX Runtime"]["AP"] - rows["student 4-4-8, drd"]["AP"]) <= 0.005
+    assert results["deployment"]["student"]["max_zero_point_rounding"] == 0.0
     assert results["steps"] == 2 and not results["stopped_by_time_limit"]
     assert (output_dir / "checkpoint-2").is_dir()
     assert (output_dir / "detections.png").stat().st_size > 0
@@ -75,9 +93,12 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
         "quantization.py",
         "results.json",
         "detections.png",
+        "model.onnx",
+        "packing.py",
     ):
         assert name in pushed, name
     assert not any(p.startswith(("checkpoint-", "_")) for p in pushed)
+    assert (output_dir / "_onnx" / "teacher.onnx").is_file()  # measured, not uploaded
 
     # The card states measured numbers (never placeholders) and valid Hub metadata.
     card = ModelCard((output_dir / "README.md").read_text())
@@ -89,6 +110,7 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
     assert str(tiny_teacher_dir) in text and "4-4-8" in text and "Q-DETR (DA + DRD)" in text
     # --max_steps on the command line dropped the main job's 13-minute limit.
     assert "| steps | 2 |" in text and "training time limit" not in text
+    assert "## Deployment" in text and "| student (integer ONNX) |" in text and "OnnxDetector(" in text
 
     # What would be uploaded is enough to load the model and run it.
     upload = tmp_path / "upload"
@@ -101,6 +123,8 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
     # calibration.
     assert model.config.weight_step_init == "mse" and model.config.distribution_alignment_init == "fit"
     assert model.config.activation_offset_init == "mse"
+    # ... and its integer-deployment options: integer zero points and an 8-bit residual stream.
+    assert model.config.integer_zero_points and model.config.backbone_residual_bits == 8
     alignments = [m for m in model.modules() if isinstance(m, DistributionAlignment)]
     assert alignments and all(bool(a.calibrated) for a in alignments)
     processor = AutoImageProcessor.from_pretrained(upload)

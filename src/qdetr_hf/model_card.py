@@ -29,6 +29,9 @@ class ModelCardData:
         eval_split: Name of the evaluated split.
         num_eval_images: Number of evaluated images.
         repo_id: Hub repo id used in the usage snippet (defaults to ``model_name``).
+        deployment: Measured deployment numbers (see ``examples/distill.py``): ``threads`` and, for ``"teacher"`` and
+            ``"student"``, ``file_mb`` (safetensors on disk), ``onnx_mb`` and ``latency_ms`` (ONNX Runtime, median,
+            batch 1), plus the exported student's ``metrics``; ``None`` when the model was not exported.
     """
 
     model_name: str
@@ -43,6 +46,7 @@ class ModelCardData:
     eval_split: str = "validation"
     num_eval_images: int = 0
     repo_id: str | None = None
+    deployment: dict[str, Any] | None = None
 
 
 def _number(value: Any, where: str) -> float:
@@ -78,6 +82,46 @@ def _efficiency_table(efficiency: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _deployment_section(deployment: dict[str, Any] | None, image_size: int) -> str:
+    if deployment is None:
+        return "This model was not exported to ONNX; export it with `qdetr_hf.export_onnx(model, path, image_size)`."
+    lines = [
+        f"Measured with ONNX Runtime {deployment['onnxruntime']} on the CPU, {deployment['threads']} thread(s), "
+        f"batch 1 at {image_size} px (median of the timed calls); sizes are the files on disk:",
+        "",
+        "| Model | Checkpoint (MB) | ONNX (MB) | ONNX Runtime latency (ms) |",
+        "|---|---|---|---|",
+    ]
+    for row, name in (("teacher", "teacher (fp32)"), ("student", "student (integer ONNX)")):
+        values = deployment[row]
+        cells = [_number(values[k], f"deployment.{row}.{k}") for k in ("file_mb", "onnx_mb", "latency_ms")]
+        lines.append(f"| {name} | {cells[0]:.2f} | {cells[1]:.2f} | {cells[2]:.1f} |")
+    ratio = _number(deployment["teacher"]["latency_ms"], "latency") / _number(
+        deployment["student"]["latency_ms"], "latency"
+    )
+    ap = _number(deployment["student"]["metrics"]["AP"], "deployment.student.metrics.AP")
+    lines += [
+        "",
+        f"The integer ONNX model runs {ratio:.2f}x as fast as the fp32 teacher's ONNX export and scores {100 * ap:.1f} AP "
+        "on the evaluation split above.",
+    ]
+    return "\n".join(lines)
+
+
+def _onnx_usage(deployment: dict[str, Any] | None, repo_id: str) -> str:
+    if deployment is None:
+        return ""
+    return (
+        "Run the integer ONNX model (`model.onnx`) with ONNX Runtime, with the same pre- and post-processing:\n\n"
+        "```python\n"
+        "from huggingface_hub import snapshot_download\n"
+        "from qdetr_hf import OnnxDetector\n\n"
+        f'detector = OnnxDetector(snapshot_download("{repo_id}"))  # model.onnx + preprocessor_config.json\n'
+        'detections = detector("image.jpg", threshold=0.5)  # [{"score", "label", "box"}, ...] like the pipeline\n'
+        "```\n"
+    )
+
+
 def _training_table(training: dict[str, Any]) -> str:
     if not training:
         return "Not recorded."
@@ -109,6 +153,13 @@ def render_model_card(data: ModelCardData, template: str | None = None) -> str:
         "num_eval_images": str(data.num_eval_images),
         "repo_id": data.repo_id or data.model_name,
         "base_model_yaml": f"base_model: {base_model}" if base_model else "",
+        "deployment_section": _deployment_section(data.deployment, data.image_size),
+        "onnx_usage": _onnx_usage(data.deployment, data.repo_id or data.model_name),
+        "onnx_sentence": (
+            "`model.onnx` is the same model as an integer ONNX graph that ONNX Runtime runs with integer kernels."
+            if data.deployment is not None
+            else "export it with `qdetr_hf.export_onnx` and run it with ONNX Runtime (`qdetr_hf.OnnxDetector`)."
+        ),
     }
     return string.Template(template).substitute(values)
 

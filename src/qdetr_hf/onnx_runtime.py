@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -126,6 +127,21 @@ class OnnxDetector:
             ["logits", "pred_boxes"], {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
         )
         return logits, pred_boxes
+
+    def latency_ms(self, runs: int = 20, warmup: int = 3, batch_size: int = 1) -> float:
+        """Median wall-clock milliseconds of one ONNX Runtime call on a random ``batch_size`` batch (after
+        ``warmup`` untimed calls)."""
+        if runs < 1 or warmup < 0 or batch_size < 1:
+            raise ValueError(f"Need runs >= 1, warmup >= 0, batch_size >= 1; got {runs}, {warmup}, {batch_size}.")
+        pixel_values = np.random.default_rng(0).standard_normal((batch_size, 3, *self.image_size), dtype=np.float32)
+        for _ in range(warmup):
+            self.run(pixel_values)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            self.run(pixel_values)
+            times.append(time.perf_counter() - start)
+        return 1000 * float(np.median(times))
 
     def evaluate(
         self,
