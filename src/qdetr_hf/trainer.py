@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 from torch import nn
@@ -455,8 +456,6 @@ class QDetrDistillationTrainer(Trainer):
     def _plain_gradient_layout(self, model: nn.Module) -> bool:
         """Whether the gradients are ordinary tensors that one ``clip_grad_norm_`` call spans (not FSDP, DeepSpeed or
         mixed device meshes, whose own clipping paths the stock `Trainer` keeps, over the model's parameters only)."""
-        from accelerate.utils import DistributedType
-
         return self.accelerator.distributed_type not in (
             DistributedType.FSDP,
             DistributedType.DEEPSPEED,
