@@ -139,3 +139,22 @@ def test_packed_size_on_disk_is_within_15_percent_of_the_accounting(tmp_path, bu
     on_disk = (tmp_path / "model.safetensors").stat().st_size / 2**20
     accounted = efficiency_report(model, image_size).size_mb
     assert abs(on_disk / accounted - 1) <= 0.15, (on_disk, accounted)
+
+
+def test_a_packed_first_stage_loads_into_a_model_that_quantizes_more(tmp_path, images):
+    stage1 = _tiny_calibrated(images, quantize_encoder=False, quantize_decoder=False)
+    stage1.save_pretrained(tmp_path)
+    stage2 = QDetrForObjectDetection.from_pretrained(tmp_path, quantize_encoder=True, quantize_decoder=True)
+    for name, layer in quantized_layers(stage1).items():  # packed: the dequantized codes
+        reloaded = stage2.get_submodule(name)
+        assert torch.equal(
+            reloaded.weight, layer.weight_quantizer.dequantize(layer.weight_quantizer.codes(layer.weight))
+        )
+    saved = stage1.state_dict()
+    for name in quantized_layers(stage2):
+        if name not in quantized_layers(stage1):  # newly quantized: the float weights of the checkpoint
+            assert torch.equal(stage2.get_submodule(name).weight, saved[f"{name}.weight"]), name
+    assert not stage2.is_calibrated  # the new transformer quantizers still need calibration
+    with pytest.raises(ValueError, match="packed layers do not match"):
+        _tiny_calibrated(images).save_pretrained(tmp_path / "full")
+        QDetrForObjectDetection.from_pretrained(tmp_path / "full", quantize_decoder=False)

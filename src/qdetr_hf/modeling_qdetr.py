@@ -169,11 +169,11 @@ class QDetrForObjectDetection(DetrForObjectDetection):
         # DetrForObjectDetection.__init__ ends with post_init(): swap in the quantized layers first, so that weight
         # initialisation (or loading) sees the final module tree.
         self._quantize_modules()
+        packed: list[str] = []
         if self.config.weight_packing is not None:  # a packed checkpoint: load its codes, not float weights
-            register_packed_buffers(quantized_layers(self), self.config.weight_packing)
+            packed = register_packed_buffers(quantized_layers(self), self.config.weight_packing)
         super().post_init()
-        if self.config.weight_packing is not None:
-            self._keys_to_ignore_on_load_missing |= {f"^{re.escape(name)}\\.weight$" for name in quantized_layers(self)}
+        self._keys_to_ignore_on_load_missing |= {f"^{re.escape(name)}\\.weight$" for name in packed}
 
     # ------------------------------------------------------------------------------------------------------------
     # Building the quantized layers

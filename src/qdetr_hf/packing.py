@@ -82,24 +82,31 @@ def pack_state_dict(
     return packed, packing_spec(bits)
 
 
-def register_packed_buffers(layers: Mapping[str, QuantLinear | QuantConv2d], spec: Mapping) -> None:
+def register_packed_buffers(layers: Mapping[str, QuantLinear | QuantConv2d], spec: Mapping) -> list[str]:
     """Give each layer named in a ``config.weight_packing`` record an empty ``weight_packed`` buffer for
-    ``from_pretrained`` to load into.
+    ``from_pretrained`` to load into; returns the packed layers' names. The model may quantize more layers than the
+    checkpoint did (e.g. Q-DETR's second stage loading its first): their float weights load as usual.
 
     Raises:
-        ValueError: If the record's layers or bit widths differ from the model's quantized layers.
+        ValueError: If a packed layer is not quantized in the model, or at another bit width.
     """
     recorded = check_packing_spec(spec)
     actual = {name: layer.weight_quantizer.bits for name, layer in layers.items()}
-    if recorded != actual:
-        differing = sorted(set(recorded.items()) ^ set(actual.items()))[:5]
+    differing = sorted(
+        f"{name} ({bits} bits packed, {actual.get(name)} in the model)"
+        for name, bits in recorded.items()
+        if actual.get(name) != bits
+    )
+    if differing:
         raise ValueError(
-            "The checkpoint's packed layers do not match the model built from its config (layer, bits differing: "
-            f"{differing}). Load it with the config it was saved with, without overriding bit widths or parts."
+            f"The checkpoint's packed layers do not match the model built from its config: {', '.join(differing[:5])}"
+            f"{' ...' if len(differing) > 5 else ''}. Load it with the config it was saved with."
         )
-    for name, layer in layers.items():
+    for name in recorded:
+        layer = layers[name]
         size = packed_numel(layer.weight.numel(), recorded[name])
         layer.register_buffer(PACKED_SUFFIX, torch.zeros(size, dtype=torch.uint8, device=layer.weight.device))
+    return list(recorded)
 
 
 @torch.no_grad()
