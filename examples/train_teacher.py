@@ -24,18 +24,22 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import DetrConfig, DetrForObjectDetection, HfArgumentParser, set_seed
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d, replace_batch_norm
-from transformers.trainer_utils import get_last_checkpoint
 
 from qdetr_hf.data import DatasetArguments, DetrCollator, default_image_processor
 from qdetr_hf.metrics import make_compute_metrics
-from qdetr_hf.trainer import QDetrDistillationTrainer, QDetrTrainingArguments, configure_cpu_threads
+from qdetr_hf.trainer import (
+    QDetrDistillationTrainer,
+    QDetrTrainingArguments,
+    configure_cpu_threads,
+    prepare_output_dir,
+)
 
 logger = logging.getLogger("train_teacher")
 
@@ -275,6 +279,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     set_seed(training_args.seed)
     logger.info(f"PyTorch uses {configure_cpu_threads(training_args)} CPU thread(s) per process")
 
+    settings = {
+        **{f"model.{k}": v for k, v in asdict(model_args).items()},
+        **{f"data.{k}": getattr(data_args, k) for k in ("dataset_name", "dataset_format", "train_split", "image_size")},
+    }
+    with training_args.main_process_first(desc="output folder"):
+        checkpoint = prepare_output_dir(
+            training_args.output_dir,
+            settings,
+            overwrite=training_args.overwrite_output_dir,
+            resume_from_checkpoint=training_args.resume_from_checkpoint,
+            write=training_args.should_save,
+        )
     train_dataset, eval_dataset = data_args.load(data_args.image_size, training_args.seed)
     model = build_model(model_args, train_dataset.id2label)
     processor = default_image_processor(data_args.image_size)
@@ -302,9 +318,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         processing_class=processor,
         compute_metrics=make_compute_metrics(id2label=model.config.id2label, area_ranges=eval_dataset.area_ranges),
     )
-    checkpoint = None
-    if Path(training_args.output_dir).is_dir():
-        checkpoint = get_last_checkpoint(training_args.output_dir)
     trainer.train(resume_from_checkpoint=checkpoint)
     freeze_batch_norm(model)
     metrics = trainer.evaluate()

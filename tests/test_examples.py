@@ -107,7 +107,13 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
     assert "$" not in text.split("```python")[0]
     student_ap = results["rows"]["student 4-4-8, drd"]["AP"]
     assert f"| student 4-4-8, drd | {100 * student_ap:.1f} |" in text
-    assert str(tiny_teacher_dir) in text and "4-4-8" in text and "Q-DETR (DA + DRD)" in text
+    assert tiny_teacher_dir.name in text and "4-4-8" in text and "Q-DETR (DA + DRD)" in text
+    # A local teacher is named by its folder, never by the user's directory layout.
+    results_text = (output_dir / "results.json").read_text()
+    assert str(tiny_teacher_dir) not in text and str(tiny_teacher_dir) not in results_text
+    assert results["teacher"] == tiny_teacher_dir.name
+    # Evaluated during training; the best checkpoint by AP is the result.
+    assert results["best_checkpoint"] == "checkpoint-2"
     # --max_steps on the command line dropped the main job's 13-minute limit.
     assert "| steps | 2 |" in text and "training time limit" not in text
     assert "## Deployment" in text and "| student (integer ONNX) |" in text and "OnnxDetector(" in text
@@ -215,17 +221,44 @@ def test_bad_method_is_rejected(tiny_teacher_dir, distill, tmp_path, method):
 
 
 @pytest.mark.slow
-def test_two_stage_schedule(tmp_path, tiny_teacher_dir, distill):
+def test_two_stage_schedule(tmp_path, tiny_teacher_dir, distill, monkeypatch):
     output_dir = tmp_path / "two-stage"
     args = ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(output_dir), *TINY_RUN]
-    distill.main([*args, "--two_stage", "true", "--max_steps", "4"])
+    starts, finals = [], []
+    train_student = distill.train_student
+
+    def recording(model_args, distill_args, training_args, student, *rest):
+        starts.append({k: v.clone() for k, v in student.state_dict().items()})
+        trainer = train_student(model_args, distill_args, training_args, student, *rest)
+        finals.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        return trainer
+
+    monkeypatch.setattr(distill, "train_student", recording)
+    distill.main([*args, "--two_stage", "true", "--max_steps", "4", "--push_to_hub", "false"])
     stage1 = QDetrForObjectDetection.from_pretrained(output_dir / "_stage1")
     assert stage1.config.quantize_backbone and not stage1.config.quantize_encoder and not stage1.config.quantize_decoder
     final = QDetrForObjectDetection.from_pretrained(output_dir)
     assert final.config.quantize_encoder and final.config.quantize_decoder and final.is_calibrated
-    # Stage 2 started from stage 1: the backbone quantizer steps were trained in stage 1 and carried over.
-    key = "model.backbone.model.layer2.0.conv1.input_quantizer.raw_step"
-    assert stage1.state_dict()[key].item() != 1.0
+    # Stage 2 starts from exactly what stage 1 trained: every backbone weight and quantizer tensor carries over.
+    stage1_end, stage2_start = finals[0], starts[1]
+    backbone = [k for k in stage1_end if k.startswith("model.backbone.")]
+    assert any("_quantizer." in k for k in backbone)
+    for key in backbone:
+        assert torch.equal(stage2_start[key], stage1_end[key]), key
+    # ... and they are stage 1's own: the backbone weights moved away from the teacher's during stage 1.
+    teacher = DetrForObjectDetection.from_pretrained(tiny_teacher_dir).state_dict()
+    moved = [k for k in backbone if k in teacher and not torch.equal(teacher[k], stage2_start[k])]
+    assert any(k.endswith(".weight") and "_quantizer" not in k for k in moved)
+
+
+def test_stage_one_never_pushes_to_the_hub(distill):
+    args = distill.QDetrTrainingArguments(
+        output_dir="runs/x", max_steps=10, push_to_hub=True, hub_model_id="me/qdetr", hub_token="secret"
+    )
+    model_args = distill.ModelArguments(two_stage=True, stage1_fraction=0.3)
+    stage1 = distill.stage1_arguments(args, model_args)
+    assert not stage1.push_to_hub and stage1.max_steps == 3 and stage1.output_dir.endswith("_stage1")
+    assert args.push_to_hub and args.hub_token == "secret"  # the final model still pushes, with the real token
 
 
 @pytest.mark.slow
@@ -311,3 +344,93 @@ def test_from_scratch_teachers_use_the_original_detr_initialisation():
     q_proj = model.model.decoder.layers[0].encoder_attn.q_proj.weight
     bound = (6 / (64 + 64)) ** 0.5  # Xavier-uniform bound for a 64 x 64 weight
     assert q_proj.abs().max() <= bound and q_proj.std() > 0.9 * bound / 3**0.5
+
+
+def _teacher_with_labels(path, names):
+    config = DetrConfig(**tiny_detr_kwargs(num_labels=len(names), id2label=dict(enumerate(names))))
+    DetrForObjectDetection(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["a", "b", "c"], r"0: dataset 'circle' vs teacher 'a'"),
+        (["circle", "square", "triangle", "star", "moon"], r"the dataset has 3 classes .*, the teacher 5 classes"),
+    ],
+)
+def test_the_datasets_classes_must_be_the_teachers(tmp_path, distill, names, message):
+    teacher = _teacher_with_labels(tmp_path / "teacher", names)
+    args = ["--teacher_model_name_or_path", str(teacher), "--output_dir", str(tmp_path / "out"), *TINY_RUN]
+    with pytest.raises(ValueError, match=message):
+        distill.main([*args, "--image_size", "64"])
+
+
+@pytest.mark.slow
+def test_an_output_folder_resumes_only_its_own_run(tmp_path, tiny_teacher_dir, distill, caplog):
+    output_dir = tmp_path / "run"
+    args = ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(output_dir), *TINY_RUN]
+    distill.main([*args, "--num_visualized", "1"])
+    first_model = (output_dir / "model.safetensors").read_bytes()
+    # Other settings: refused, and the finished run is left as it was.
+    with pytest.raises(FileExistsError, match=r"model\.weight_bits: 4 -> 2.*--overwrite_output_dir"):
+        distill.main([*args, "--weight_bits", "2", "--distillation", "qskd"])
+    assert (output_dir / "model.safetensors").read_bytes() == first_model
+    assert (output_dir / "checkpoint-2").is_dir()
+    # The same settings with a larger budget continue the run from its last checkpoint.
+    with caplog.at_level("INFO"):
+        results = distill.main([*args, "--max_steps", "4", "--num_visualized", "1"])
+    assert results["steps"] == 4 and "Resuming the run" in caplog.text
+    # Asked to overwrite, the other settings start afresh.
+    results = distill.main([*args, "--weight_bits", "2", "--overwrite_output_dir", "true", "--num_visualized", "1"])
+    assert results["bits"] == "2-4-8" and results["steps"] == 2
+    assert QDetrForObjectDetection.from_pretrained(output_dir).config.weight_bits == 2
+
+
+def test_resume_from_checkpoint_is_honoured_and_checked(tmp_path, tiny_teacher_dir, distill):
+    args = ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(tmp_path / "out"), *TINY_RUN]
+    with pytest.raises(FileNotFoundError, match=r"Checkpoint folder not found: .*nowhere"):
+        distill.main([*args, "--resume_from_checkpoint", str(tmp_path / "nowhere")])
+    broken = tmp_path / "checkpoint-7"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"not a complete checkpoint: model\.safetensors, trainer_state\.json"):
+        distill.main([*args, "--resume_from_checkpoint", str(broken)])
+
+
+def test_max_steps_zero_is_refused(tmp_path, tiny_teacher_dir, distill):
+    args = ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(tmp_path / "out"), *TINY_RUN]
+    with pytest.raises(ValueError, match="max_steps must be a positive"):
+        distill.main([*args, "--max_steps", "0"])
+
+
+@pytest.mark.slow
+def test_a_student_that_ends_below_its_start_is_reported(tmp_path, tiny_teacher_dir, distill, monkeypatch, caplog):
+    scores = iter([0.30, 0.30, 0.10])  # teacher, calibrated student, trained student
+    monkeypatch.setattr(distill, "evaluate_model", lambda *a, **k: dict.fromkeys(("AP", "AP50", "AP75"), next(scores)))
+    args = ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(tmp_path / "out"), *TINY_RUN]
+    with caplog.at_level("WARNING"):
+        results = distill.main([*args, "--num_visualized", "1"])
+    assert "already scores 30.0 AP against the teacher's 30.0" in caplog.text
+    assert "ends below its calibrated start" in caplog.text and results["below_calibrated_start"]
+    assert "student 4-4-8, drd (below start)" in results["rows"]
+
+
+def test_the_student_is_calibrated_where_it_trains(tmp_path, tiny_teacher_dir, distill, monkeypatch):
+    calls = []
+    original_to = QDetrForObjectDetection.to
+
+    def to(self, *args, **kwargs):
+        calls.append(("to", str(args[0]) if args else str(kwargs.get("device"))))
+        return original_to(self, *args, **kwargs)
+
+    def calibrate(model, *args, **kwargs):
+        calls.append(("calibrate", str(next(model.parameters()).device)))
+        raise KeyboardInterrupt  # stop here: only the order matters
+
+    monkeypatch.setattr(QDetrForObjectDetection, "to", to)
+    monkeypatch.setattr(distill, "calibrate", calibrate)
+    args = ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(tmp_path / "out"), *TINY_RUN]
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(args)
+    assert calls[-2] == ("to", "cpu") and calls[-1] == ("calibrate", "cpu")

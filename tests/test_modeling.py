@@ -388,3 +388,36 @@ def test_a_missing_local_folder_is_named(tmp_path):
         QDetrForObjectDetection.from_pretrained(tmp_path / "no-such-run")
     with pytest.raises(FileNotFoundError, match="not found: ./runs/typo"):
         QDetrForObjectDetection.from_pretrained("./runs/typo")
+
+
+def test_frozen_backbone_weights_keep_their_values_but_their_quantizers_learn(images):
+    """DETR freezes backbone weights of a transformers-ResNet backbone by name (in transformers 5.23 its check matches
+    no stage, so every one; a timm backbone has none frozen). Q-DETR leaves their quantizers trainable, a decision:
+    the steps adapt to the frozen weights as they do everywhere else, at no cost. One step moves the steps only."""
+    backbone_config = {
+        "model_type": "resnet",
+        "embedding_size": 8,
+        "hidden_sizes": [8, 16, 16, 16],
+        "depths": [1, 1, 1, 1],
+        "layer_type": "basic",
+        "out_features": ["stage2", "stage3", "stage4"],
+    }
+    model = QDetrForObjectDetection(
+        QDetrConfig(**tiny_detr_kwargs(backbone_config=backbone_config, use_timm_backbone=False))
+    ).train()
+    calibrate(model, [images])
+    frozen = {
+        n: m
+        for n, m in model.model.backbone.named_modules()
+        if isinstance(m, QuantConv2d) and not m.weight.requires_grad
+    }
+    assert "model.embedder.embedder.convolution" in frozen  # the stem
+    assert all(layer.weight_quantizer.raw_step.requires_grad for layer in frozen.values())
+    assert all(layer.input_quantizer.raw_step.requires_grad for layer in frozen.values())
+    before = {n: (layer.weight.clone(), layer.weight_quantizer.raw_step.clone()) for n, layer in frozen.items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    labels = [{"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}] * 2
+    model(pixel_values=images, labels=labels).loss.backward()
+    optimizer.step()
+    assert all(torch.equal(frozen[n].weight, weight) for n, (weight, _) in before.items())
+    assert any(not torch.equal(frozen[n].weight_quantizer.raw_step, step) for n, (_, step) in before.items())

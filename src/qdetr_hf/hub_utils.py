@@ -33,4 +33,15 @@ def check_local_path(name: str | os.PathLike, what: str) -> None:
         raise FileNotFoundError(f"{what} not found: {name} (no such local path; a Hub id has the form 'owner/name').")
 
 
-__all__ = ["check_local_path", "looks_like_local_path"]
+def public_name(name: str | os.PathLike | None) -> str | None:
+    """How a model or dataset is named where others read it (model cards, results files): a Hub id as it is, a local
+    path by its last component only, so a pushed card does not publish the user's directory layout."""
+    if name is None:
+        return None
+    text = str(name)
+    if looks_like_local_path(text) or Path(text).expanduser().exists():
+        return Path(text).expanduser().resolve().name or text
+    return text
+
+
+__all__ = ["check_local_path", "looks_like_local_path", "public_name"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import shutil
@@ -19,7 +20,7 @@ from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 from torch import nn
 from transformers import AutoModelForObjectDetection, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
 from .distillers.base import (
@@ -97,7 +98,20 @@ class QDetrTrainingArguments(TrainingArguments):
         },
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in an output_dir that holds a run with other settings, deleting its checkpoints "
+            "and outputs (transformers 5 removed this option; the example scripts honour it, see prepare_output_dir)."
+        },
+    )
+
     def __post_init__(self) -> None:
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(
+                f"max_steps must be a positive number of optimizer steps, or -1 to train num_train_epochs, got "
+                f"{self.max_steps}."
+            )
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be a positive integer or None, got {self.cpu_threads!r}.")
         if self.max_train_minutes is not None and not (
@@ -105,6 +119,90 @@ class QDetrTrainingArguments(TrainingArguments):
         ):
             raise ValueError(f"max_train_minutes must be a positive number or None, got {self.max_train_minutes!r}.")
         super().__post_init__()
+
+
+RUN_SETTINGS_NAME = "run_settings.json"
+"""File in an example script's output folder recording the settings of the run that writes there."""
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "trainer_state.json")
+"""Files every resumable checkpoint folder holds."""
+
+
+def check_checkpoint(path: str | os.PathLike) -> str:
+    """Return ``path`` if it is a complete checkpoint folder, else raise ``FileNotFoundError`` naming what is missing.
+
+    Raises:
+        FileNotFoundError: If the folder or one of :data:`CHECKPOINT_FILES` is missing.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Checkpoint folder not found: {path}")
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint: {', '.join(missing)} missing.")
+    return str(folder)
+
+
+def prepare_output_dir(
+    output_dir: str | os.PathLike,
+    settings: dict[str, Any],
+    overwrite: bool = False,
+    resume_from_checkpoint: str | None = None,
+    write: bool = True,
+) -> str | None:
+    """Decide what a run does with its output folder; returns the checkpoint to resume from, if any.
+
+    - ``resume_from_checkpoint`` given: that folder must be a complete checkpoint (:func:`check_checkpoint`); the run
+      resumes from it.
+    - Otherwise a folder that holds a run recorded with the same ``settings`` (``run_settings.json``) resumes from its
+      last checkpoint (a finished run resumes at its end and trains nothing more).
+    - A folder that holds a run with other settings, or outputs no run recorded, is refused unless ``overwrite``:
+      then its checkpoints and outputs are deleted and the run starts afresh. A finished run is never overwritten
+      without being asked.
+
+    ``settings`` should hold what defines the trained model (model, bits, method, data), not budgets such as
+    ``max_steps`` (raising those continues a run). With ``write`` (the main process), ``run_settings.json`` is
+    written atomically for the new run.
+
+    Raises:
+        FileNotFoundError: If ``resume_from_checkpoint`` is not a complete checkpoint.
+        FileExistsError: If the folder holds another run and ``overwrite`` is not set.
+    """
+    folder = Path(output_dir)
+    record = folder / RUN_SETTINGS_NAME
+    settings = json.loads(json.dumps(settings, default=str))  # as it reads back from the file
+    checkpoint = check_checkpoint(resume_from_checkpoint) if resume_from_checkpoint else None
+    outputs = [p for p in folder.iterdir() if p.name not in (RUN_SETTINGS_NAME, "_eval")] if folder.is_dir() else []
+    if outputs and checkpoint is None:
+        previous = json.loads(record.read_text()) if record.is_file() else None
+        if previous == settings:
+            checkpoint = get_last_checkpoint(str(folder))
+            if checkpoint:
+                logger.info(f"Resuming the run in {folder} from {checkpoint}")
+        elif not overwrite:
+            if previous is None:
+                what = "outputs of a run whose settings were not recorded"
+            else:
+                keys = sorted({*previous, *settings})
+                changed = [
+                    f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}"
+                    for k in keys
+                    if previous.get(k) != settings.get(k)
+                ]
+                what = "a run with other settings (" + "; ".join(changed[:8]) + ")"
+            raise FileExistsError(
+                f"{folder} holds {what}. Choose another --output_dir, or pass --overwrite_output_dir to delete it and "
+                "start afresh."
+            )
+        elif write:
+            logger.warning(f"--overwrite_output_dir: deleting the previous run in {folder}")
+            for path in outputs:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        staged = folder / f".{RUN_SETTINGS_NAME}.tmp"
+        staged.write_text(json.dumps(settings, indent=2, sort_keys=True))
+        os.replace(staged, record)
+    return checkpoint
 
 
 def configure_cpu_threads(args: QDetrTrainingArguments) -> int:
@@ -648,6 +746,8 @@ __all__ = [
     "QDetrTrainingArguments",
     "TimeLimitCallback",
     "any_process",
+    "check_checkpoint",
     "files_to_push",
     "load_teacher",
+    "prepare_output_dir",
 ]

@@ -347,21 +347,31 @@ def hidden_state_predictions(detector: DetectorOutputs) -> tuple[torch.Tensor, t
     return logits, boxes
 
 
-def check_label_spaces(teacher_config: Any, student_config: Any) -> None:
-    """Raise a clear ``ValueError`` when teacher and student do not predict the same classes in the same order."""
-    teacher = {int(k): str(v) for k, v in teacher_config.id2label.items()}
-    student = {int(k): str(v) for k, v in student_config.id2label.items()}
-    if teacher == student:
+def check_label_spaces(first: Any, second: Any, names: tuple[str, str] = ("teacher", "student")) -> None:
+    """Raise a clear ``ValueError`` when two label spaces do not hold the same classes in the same order.
+
+    Args:
+        first: A config with ``id2label`` (teacher, student) or an ``id -> class name`` mapping (a dataset's).
+        second: The same for the other side.
+        names: How the message calls the two sides.
+    """
+    one, two = ({int(k): str(v) for k, v in getattr(side, "id2label", side).items()} for side in (first, second))
+    if one == two:
         return
-    if len(teacher) != len(student):
+    first_name, second_name = names
+    if len(one) != len(two):
         raise ValueError(
-            f"Teacher and student label spaces differ: the teacher has {len(teacher)} classes, the student "
-            f"{len(student)}. Distillation needs the same classes in the same order (config.id2label)."
+            f"{first_name.capitalize()} and {second_name} label spaces differ: the {first_name} has {len(one)} "
+            f"classes {sorted(one.values())}, the {second_name} {len(two)} classes {sorted(two.values())}. They must "
+            "be the same classes in the same order (config.id2label)."
         )
-    differences = [f"{i}: teacher {teacher.get(i)!r} vs student {student.get(i)!r}" for i in sorted(teacher)]
-    differences = [d for d, i in zip(differences, sorted(teacher)) if teacher.get(i) != student.get(i)]
+    differences = [
+        f"{i}: {first_name} {one.get(i)!r} vs {second_name} {two.get(i)!r}"
+        for i in sorted(one)
+        if one.get(i) != two.get(i)
+    ]
     raise ValueError(
-        "Teacher and student label spaces differ (config.id2label): "
+        f"{first_name.capitalize()} and {second_name} label spaces differ (config.id2label): "
         + "; ".join(differences[:10])
         + (" ..." if len(differences) > 10 else "")
     )
