@@ -6,7 +6,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
 
 from qdetr_hf.data.base import DetectionExample
 
@@ -56,23 +57,30 @@ def default_image_processor(image_size: int | tuple[int, int]) -> DetrImageProce
 
 
 def hflip_example(example: DetectionExample) -> DetectionExample:
-    """Flip an example left-right: the image and every box (``x -> W - x - w``).
+    """Flip an example left-right with ``torchvision.transforms.v2``: the image and every box (``x -> W - x - w``).
+
+    The boxes go through ``v2.functional.horizontal_flip`` as ``tv_tensors.BoundingBoxes`` (XYWH, float64, on the
+    image's canvas), so image and boxes are flipped by the same library transform.
 
     Args:
         example: The example.
 
     Returns:
-        A new example (the input is not modified).
+        A new example (the input is not modified); annotations keep every field but ``bbox``.
     """
-    width = example["image"].width
-    annotations = []
-    for ann in example["annotations"]:
-        x, y, w, h = (float(v) for v in ann["bbox"])
-        annotations.append({**ann, "bbox": [width - x - w, y, w, h]})
+    image = example["image"]
+    boxes = tv_tensors.BoundingBoxes(
+        torch.tensor([[float(v) for v in ann["bbox"]] for ann in example["annotations"]], dtype=torch.float64).reshape(
+            -1, 4
+        ),
+        format=tv_tensors.BoundingBoxFormat.XYWH,
+        canvas_size=(image.height, image.width),
+    )
+    flipped = F.horizontal_flip(boxes).tolist()
     return {
-        "image": example["image"].transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        "image": F.horizontal_flip(image),
         "image_id": example["image_id"],
-        "annotations": annotations,  # type: ignore[typeddict-item]
+        "annotations": [{**ann, "bbox": bbox} for ann, bbox in zip(example["annotations"], flipped, strict=True)],  # type: ignore[typeddict-item]
     }
 
 
@@ -100,7 +108,7 @@ class DetrCollator:
 
     Args:
         image_processor: A DETR-style image processor (e.g. :func:`default_image_processor`).
-        augment: Randomly flip examples left-right (boxes flipped accordingly).
+        augment: Randomly flip examples left-right (boxes flipped accordingly, by :func:`hflip_example`).
         flip_prob: Probability of a flip when ``augment`` is True.
         generator: Optional ``torch.Generator`` for the flip decisions (default: torch's global RNG, which
             DataLoader seeds per worker).
