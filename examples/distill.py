@@ -209,6 +209,7 @@ MAIN_JOB_DEFAULTS = [
     "--output_dir", "runs/qdetr-synthetic-4bit",
     "--max_steps", "3000",
     "--max_train_minutes", "12",
+    "--fit_schedule_to_time_limit", "true",
     "--per_device_train_batch_size", "8",
     "--per_device_eval_batch_size", "32",
     "--learning_rate", "6e-4",

@@ -488,6 +488,38 @@ class _FakeClock:
         return self.now
 
 
+def test_time_limit_fits_the_learning_rate_schedule_to_the_projected_last_step(tmp_path):
+    from transformers import get_scheduler
+
+    args = QDetrTrainingArguments(output_dir=str(tmp_path), save_strategy="no", eval_strategy="no", report_to="none")
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=5, num_training_steps=1000)
+    clock = _FakeClock()
+    callback = TimeLimitCallback(2.0, clock=clock, fit_schedule=True, fit_every=10, slowest=lambda s: max(s, 2.0))
+    state, control = TrainerState(max_steps=1000), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    lrs = []
+    for step in range(1, 61):  # 1 s per step here, 2 s on the slowest process: 60 steps fit in the 120 s
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+        state.global_step, clock.now = step, 1000.0 + 2 * step
+        callback.on_step_end(args, state, control, lr_scheduler=scheduler)
+    assert callback.fitted_steps == 60  # projected at step 10 from the slowest process: 10 + (120 - 20) / 2
+    assert callback.stopped_at_step == 60 and lrs[-1] < 1e-3  # decayed when the limit stops it, not cut off at 99%
+    assert lrs[4] == pytest.approx(1.0)  # the warm-up is kept
+
+    # A budget that allows every step leaves the schedule alone.
+    roomy = TimeLimitCallback(100.0, clock=clock, fit_schedule=True, fit_every=10)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=5, num_training_steps=200)
+    state = TrainerState(max_steps=200)
+    roomy.on_train_begin(args, state, control)
+    state.global_step, clock.now = 10, clock.now + 10
+    roomy.on_step_end(args, state, control, lr_scheduler=scheduler)
+    assert roomy.fitted_steps is None and scheduler.lr_lambdas[0].keywords["num_training_steps"] == 200
+
+
 def test_time_limit_stops_at_the_step_that_uses_up_the_budget(tmp_path):
     args = QDetrTrainingArguments(output_dir=str(tmp_path), save_strategy="steps", eval_strategy="no", report_to="none")
     clock = _FakeClock()

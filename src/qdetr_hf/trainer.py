@@ -98,6 +98,14 @@ class QDetrTrainingArguments(TrainingArguments):
         },
     )
 
+    fit_schedule_to_time_limit: bool = field(
+        default=False,
+        metadata={
+            "help": "With max_train_minutes: shorten the learning-rate schedule to end at the step the time limit is "
+            "projected to allow (re-estimated every 50 steps from the measured time per step), so a run the limit "
+            "stops ends with its schedule decayed instead of cut off mid-way (project option)."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -225,13 +233,19 @@ def configure_cpu_threads(args: QDetrTrainingArguments) -> int:
 def any_process(flag: bool, device: torch.device | str | None = None) -> bool:
     """``flag`` made the same on every process: True everywhere if it is True on any (a max all-reduce over the
     default process group, on ``device``: the GPU under NCCL). Without an initialised group it is returned as is."""
+    return bool(max_over_processes(float(flag), device) > 0)
+
+
+def max_over_processes(value: float, device: torch.device | str | None = None) -> float:
+    """The largest of ``value`` over all processes (a max all-reduce over the default process group, on ``device``);
+    without an initialised group, ``value`` itself."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
+        return value
     if torch.distributed.get_world_size() == 1:
-        return flag
-    value = torch.tensor(float(flag), device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item() > 0)
+        return value
+    reduced = torch.tensor(float(value), device=device)
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+    return float(reduced.item())
 
 
 class TimeLimitCallback(TrainerCallback):
@@ -244,10 +258,19 @@ class TimeLimitCallback(TrainerCallback):
     decision is the maximum over ranks (one tiny all-reduce per step, through ``agree``: :func:`any_process` in the
     trainer).
 
+    With ``fit_schedule``, every ``fit_every`` steps the callback projects from the time per step so far (slowest
+    process) the step at which the budget runs out and, when that comes before ``max_steps``, rebuilds the
+    learning-rate schedule to end there (:attr:`fitted_steps`), so the run stops with its schedule decayed rather than
+    cut off mid-way. Only schedules made by transformers' ``get_scheduler`` (a ``LambdaLR`` of a ``partial`` with
+    ``num_training_steps``) can be refitted; the schedule is never made longer than ``max_steps``.
+
     Args:
         minutes: The budget, in minutes (> 0).
         agree: Maps this process's decision to the decision of all processes (default: single process, identity).
         clock: Seconds from an arbitrary origin (default `time.monotonic`; tests pass a fake one).
+        fit_schedule: Refit the learning-rate schedule to the projected last step.
+        fit_every: Steps between projections.
+        slowest: Maps this process's seconds per step to the slowest process's (default: identity).
     """
 
     def __init__(
@@ -255,22 +278,55 @@ class TimeLimitCallback(TrainerCallback):
         minutes: float,
         agree: Callable[[bool], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        fit_schedule: bool = False,
+        fit_every: int = 50,
+        slowest: Callable[[float], float] | None = None,
     ) -> None:
         if not (math.isfinite(minutes) and minutes > 0):
             raise ValueError(f"The time limit must be a positive number of minutes, got {minutes!r}.")
+        if fit_every < 1:
+            raise ValueError(f"fit_every must be >= 1, got {fit_every!r}.")
         self.minutes = minutes
         self.agree = agree or (lambda over: over)
         self.clock = clock
+        self.fit_schedule = fit_schedule
+        self.fit_every = fit_every
+        self.slowest = slowest or (lambda seconds: seconds)
         self.started: float | None = None
+        self.start_step = 0
         self.stopped_at_step: int | None = None
+        self.fitted_steps: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = self.clock()
+        self.start_step = state.global_step
         self.stopped_at_step = None
+
+    def _refit(self, state, lr_scheduler) -> None:
+        steps = state.global_step - self.start_step
+        elapsed = self.clock() - self.started
+        per_step = self.slowest(elapsed / steps)
+        projected = state.global_step + int((60.0 * self.minutes - elapsed) / per_step)
+        lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+        if not lambdas or not all(
+            isinstance(f, functools.partial) and "num_training_steps" in f.keywords for f in lambdas
+        ):
+            return
+        current = lambdas[0].keywords["num_training_steps"]
+        target = max(min(projected, state.max_steps), lambdas[0].keywords.get("num_warmup_steps", 0) + 1)
+        if target == current or (target > current and current >= state.max_steps):
+            return
+        lr_scheduler.lr_lambdas = [
+            functools.partial(f.func, *f.args, **{**f.keywords, "num_training_steps": target}) for f in lambdas
+        ]
+        self.fitted_steps = target
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.started is None or control.should_training_stop:
             return
+        steps = state.global_step - self.start_step
+        if self.fit_schedule and steps > 0 and steps % self.fit_every == 0:
+            self._refit(state, kwargs.get("lr_scheduler"))
         if not self.agree(self.clock() - self.started >= 60.0 * self.minutes):
             return
         control.should_training_stop = True
@@ -392,7 +448,12 @@ class QDetrDistillationTrainer(Trainer):
         self.time_limit: TimeLimitCallback | None = None
         minutes = getattr(self.args, "max_train_minutes", None)
         if minutes is not None:
-            self.time_limit = TimeLimitCallback(minutes, agree=functools.partial(any_process, device=self.args.device))
+            self.time_limit = TimeLimitCallback(
+                minutes,
+                agree=functools.partial(any_process, device=self.args.device),
+                fit_schedule=getattr(self.args, "fit_schedule_to_time_limit", False),
+                slowest=functools.partial(max_over_processes, device=self.args.device),
+            )
             self.add_callback(self.time_limit)
 
     # ------------------------------------------------------------------------------------------------------------
