@@ -14,8 +14,14 @@ For the same student architecture and batch:
 
 Every configuration runs in its own subprocess, so peak memory (max RSS on CPU, max allocated on CUDA) is its own.
 
+With ``--baseline_src`` the QAT + distillation steps (``--compare_configs``: ``train_qat_<method>`` for DRD, QSKD,
+KD-DETR, IDa-Det) are also measured with another version of the package, imported from that ``src`` folder,
+alternating with this one over ``--compare_rounds`` rounds in the same session (the machine's load drifts); the
+results get the per-round medians and the ratio of the two versions.
+
     python benchmarks/speed.py                       # writes benchmarks/results/speed.json and speed.md
     python benchmarks/speed.py --quick --output_dir /tmp/speed
+    git archive <commit> src | tar -x -C /tmp/base && python benchmarks/speed.py --baseline_src /tmp/base/src
 """
 
 from __future__ import annotations
@@ -89,7 +95,7 @@ def measure(
 ) -> dict[str, Any]:
     """Run one configuration in this process and return its timings (called in a subprocess)."""
     from qdetr_hf import calibrate
-    from qdetr_hf.distillers import DRDDistiller
+    from qdetr_hf.distillers import DISTILLERS
     from qdetr_hf.trainer import QDetrDistillationTrainer, QDetrTrainingArguments
 
     torch.manual_seed(0)
@@ -113,12 +119,12 @@ def measure(
         args = QDetrTrainingArguments(
             output_dir="/tmp/qdetr-speed", report_to="none", use_cpu=device.type == "cpu", disable_tqdm=True
         )
-        distill = config == "train_qat_drd"
+        method = config.removeprefix("train_qat_") if config.startswith("train_qat_") else None
         trainer = QDetrDistillationTrainer(
             model=model,
             args=args,
-            teacher_model=teacher if distill else None,
-            distiller=DRDDistiller() if distill else None,
+            teacher_model=teacher if method else None,
+            distiller=DISTILLERS[method]() if method else None,
         )
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -132,8 +138,11 @@ def measure(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = _timed(step, steps, warmup, device)
+    import qdetr_hf
+
     return {
         "config": config,
+        "package": str(Path(qdetr_hf.__file__).resolve().parent),
         "median_s": statistics.median(times),
         "min_s": min(times),
         "steps": steps,
@@ -272,7 +281,71 @@ def markdown(results: dict[str, Any]) -> str:
         "bits); the measured fake-quantized inference above is *slower* than real-valued, since it computes in "
         "float32 and adds the quantizers. Real gains need low-bit kernels (int8 in practice).",
     ]
+    comparison = results.get("comparison")
+    if comparison:
+        lines += [
+            "",
+            "## Against another version of the package",
+            "",
+            f"{comparison['label']}. Measured in the same session, alternating the two versions over "
+            f"{comparison['rounds']} rounds (median step of each round, then the median of the rounds); ratio < 1: "
+            "this version is faster.",
+            "",
+            "| configuration | baseline (ms) | this version (ms) | ratio | per-round ratios |",
+            "|---|---|---|---|---|",
+        ]
+        for config, row in comparison["configs"].items():
+            rounds = ", ".join(f"{r:.2f}" for r in row["round_ratios"])
+            lines.append(
+                f"| {config} | {1000 * row['baseline_s']:.1f} | {1000 * row['current_s']:.1f} | {row['ratio']:.2f} | "
+                f"{rounds} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+COMPARE_CONFIGS = ("train_qat_drd", "train_qat_qskd", "train_qat_kd_detr", "train_qat_ida")
+
+
+def _run_config(config: str, args: argparse.Namespace, src: Path | None = None) -> dict[str, Any]:
+    """Measure ``config`` in a subprocess; ``src`` puts another copy of the package first on its import path."""
+    command = [sys.executable, __file__, "--_measure", config, "--steps", str(args.steps)]
+    command += ["--warmup", str(args.warmup), "--batch_size", str(args.batch_size)]
+    command += ["--image_size", str(args.image_size), "--teacher", args.teacher]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH")) if p)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{config} failed:\n{result.stderr[-3000:]}")
+    run = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"{config}{' (baseline)' if src else ''}: {1000 * run['median_s']:.1f} ms", flush=True)
+    return run
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Step times of ``args.compare_configs`` with the baseline package and this one, alternating per round."""
+    baseline_src = args.baseline_src.resolve()
+    if not (baseline_src / "qdetr_hf" / "__init__.py").is_file():
+        raise SystemExit(f"--baseline_src must be a src folder holding qdetr_hf/, got {baseline_src}")
+    configs: dict[str, Any] = {}
+    for config in args.compare_configs:
+        baseline, current = [], []
+        for _ in range(args.compare_rounds):
+            baseline.append(_run_config(config, args, baseline_src))
+            current.append(_run_config(config, args))
+        if not all(run["package"].startswith(str(baseline_src)) for run in baseline):
+            raise RuntimeError(f"the baseline runs did not import qdetr_hf from {baseline_src}")
+        base_s = statistics.median(run["median_s"] for run in baseline)
+        current_s = statistics.median(run["median_s"] for run in current)
+        configs[config] = {
+            "baseline_s": base_s,
+            "current_s": current_s,
+            "ratio": current_s / base_s,
+            "round_ratios": [c["median_s"] / b["median_s"] for b, c in zip(baseline, current)],
+            "baseline_runs": baseline,
+            "current_runs": current,
+        }
+    return {"label": args.baseline_label, "rounds": args.compare_rounds, "configs": configs}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -284,6 +357,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output_dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--teacher", default=str(TEACHER), help="Teacher folder (its architecture is the student's).")
     parser.add_argument("--quick", action="store_true", help="2 steps, batch 2 (smoke test).")
+    parser.add_argument(
+        "--baseline_src", type=Path, default=None, help="src folder of another package version to compare with."
+    )
+    parser.add_argument(
+        "--baseline_label",
+        default="Baseline: another version of the package",
+        help="Sentence naming the baseline and what changed since (written into speed.md).",
+    )
+    parser.add_argument("--compare_configs", nargs="+", default=list(COMPARE_CONFIGS), choices=COMPARE_CONFIGS)
+    parser.add_argument("--compare_rounds", type=int, default=3)
     parser.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -294,18 +377,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         return {}
 
-    runs = {}
-    for config in ("train_fp", "train_qat", "train_qat_drd", "infer_fp", "infer_qat"):
-        command = [sys.executable, __file__, "--_measure", config, "--steps", str(args.steps)]
-        command += ["--warmup", str(args.warmup), "--batch_size", str(args.batch_size)]
-        command += ["--image_size", str(args.image_size), "--teacher", args.teacher]
-        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if result.returncode != 0:
-            raise RuntimeError(f"{config} failed:\n{result.stderr[-3000:]}")
-        runs[config] = json.loads(result.stdout.strip().splitlines()[-1])
-        print(
-            f"{config}: {1000 * runs[config]['median_s']:.1f} ms, {runs[config]['peak_memory_mb']:.0f} MB", flush=True
-        )
+    runs = {
+        config: _run_config(config, args)
+        for config in ("train_fp", "train_qat", "train_qat_drd", "infer_fp", "infer_qat")
+    }
     results = {
         "machine": {
             "platform": platform.platform(),
@@ -326,6 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fake_quant": measure_fake_quant(max(args.steps, 5) * 10, args.warmup),
         "efficiency": {} if args.quick else efficiency(args.teacher),
     }
+    if args.baseline_src is not None:
+        results["comparison"] = compare(args)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "speed.json").write_text(json.dumps(results, indent=2))
     if not args.quick:

@@ -205,3 +205,77 @@ def test_pad_targets_rejects_bad_targets(target: dict, message: str) -> None:
 def test_pad_targets_rejects_empty_list() -> None:
     with pytest.raises(ValueError, match="non-empty list"):
         pad_targets([])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Library agreement, validate=False and the helpers.
+# ---------------------------------------------------------------------------------------------------------------------
+def test_conversions_are_torchvision_box_convert() -> None:
+    from torchvision.ops import box_convert
+
+    generator = torch.Generator().manual_seed(5)
+    cxcywh = torch.rand(2, 3, 4, generator=generator, dtype=torch.float64)
+    assert torch.equal(center_to_corners(cxcywh), box_convert(cxcywh, "cxcywh", "xyxy"))
+    xyxy = _random_xyxy(5, generator=generator)
+    assert torch.equal(corners_to_center(xyxy), box_convert(xyxy, "xyxy", "cxcywh"))
+    assert center_to_corners(torch.tensor([2, 2, 2, 4])).tolist() == [1.0, 0.0, 3.0, 4.0]  # integers become float
+
+
+def test_giou_agrees_with_torchvision_where_their_definitions_agree() -> None:
+    from torchvision.ops import generalized_box_iou, generalized_box_iou_loss
+
+    generator = torch.Generator().manual_seed(6)
+    boxes1 = _random_xyxy(9, generator=generator).double()
+    boxes2 = _random_xyxy(9, generator=generator).double()
+    # Pairwise: identical for non-degenerate boxes (torchvision has no eps, so 0 / 0 for two zero-area boxes).
+    torch.testing.assert_close(pairwise_generalized_box_iou(boxes1, boxes2), generalized_box_iou(boxes1, boxes2))
+    # Element-wise: 1 - torchvision's GIoU loss, which adds eps to the denominators instead of clamping them.
+    torch.testing.assert_close(
+        elementwise_generalized_box_iou(boxes1, boxes2), 1.0 - generalized_box_iou_loss(boxes1, boxes2, eps=0.0)
+    )
+    point = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    assert torch.isnan(generalized_box_iou(point, point)).all()
+    assert pairwise_generalized_box_iou(point, point).item() == 0.0
+
+
+def test_validate_false_skips_only_the_value_checks() -> None:
+    good = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    bad = torch.tensor([[0.5, 0.0, 0.4, 1.0]])  # x2 < x1
+    for function in (pairwise_generalized_box_iou, elementwise_generalized_box_iou):
+        with pytest.raises(ValueError, match="degenerate box"):
+            function(good, bad)
+        assert torch.isfinite(function(good, bad, validate=False)).all()  # computed as given, not checked
+    with pytest.raises(ValueError, match="last dimension of size 4"):  # shapes are always checked
+        pairwise_generalized_box_iou(good, bad[:, :3], validate=False)
+    nan_target = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, float("nan"), 0.1, 0.2]])}]
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pad_targets(nan_target)
+    boxes, _, mask = pad_targets(nan_target, validate=False)
+    assert mask.tolist() == [[True]] and torch.isnan(boxes[0, 0, 1])
+    with pytest.raises(ValueError, match="integer tensor"):  # the structure is always checked
+        pad_targets([{"class_labels": torch.tensor([1.0]), "boxes": torch.zeros(1, 4)}], validate=False)
+
+
+def test_pad_targets_dtypes_and_devices() -> None:
+    labels = [
+        {"class_labels": torch.tensor([1], dtype=torch.int32), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])},
+        {"class_labels": torch.tensor([2, 0]), "boxes": torch.tensor([[1, 1, 0, 0], [2, 2, 1, 1]])},  # int64 boxes
+    ]
+    boxes, classes, mask = pad_targets(labels, device="cpu")
+    assert boxes.dtype == torch.float32 and classes.dtype == torch.long  # mixed float32/int64 boxes -> float32
+    assert classes.tolist() == [[1, PAD_LABEL], [2, 0]] and mask.tolist() == [[True, False], [True, True]]
+    torch.testing.assert_close(boxes[1], torch.tensor([[1.0, 1.0, 0.0, 0.0], [2.0, 2.0, 1.0, 1.0]]))
+    double = pad_targets([{"class_labels": torch.tensor([0]), "boxes": torch.rand(1, 4, dtype=torch.float64)}])[0]
+    assert double.dtype == torch.float64
+    assert pad_targets([{"class_labels": [3], "boxes": [[0.5, 0.5, 0.1, 0.1]]}])[1].tolist() == [[3]]  # lists too
+
+
+def test_helpers() -> None:
+    from qdetr_hf.box_ops import compute_dtype, constant_box
+
+    assert [compute_dtype(torch.zeros(1, dtype=d)) for d in (torch.half, torch.bfloat16, torch.int64)] == [
+        torch.float32
+    ] * 3
+    assert compute_dtype(torch.zeros(1, dtype=torch.float64)) == torch.float64
+    box = constant_box(PAD_BOX_CXCYWH, torch.float64, "cpu")
+    assert box.dtype == torch.float64 and box.tolist() == list(PAD_BOX_CXCYWH)

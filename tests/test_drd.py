@@ -374,3 +374,30 @@ def test_compute_drd_without_any_ground_truth() -> None:
     assert out["loss_drd"].item() == 0.0
     out["loss_drd"].backward()
     assert torch.isfinite(student_features.grad).all()
+
+
+def test_validate_false_gives_the_same_answers_without_checking() -> None:
+    student_boxes, teacher_boxes, student_features, teacher_features, gt_boxes, gt_mask = _scene_features()
+    checked = foreground_aware_query_matching(student_boxes, teacher_boxes, gt_boxes, gt_mask, tau=0.6)
+    unchecked = foreground_aware_query_matching(student_boxes, teacher_boxes, gt_boxes, gt_mask, 0.6, validate=False)
+    for field in ("selected", "teacher_index", "gt_giou_max", "pair_score"):
+        assert torch.equal(getattr(checked, field), getattr(unchecked, field)), field
+    assert checked.selected[0].tolist() == EXPECTED_SELECTED  # the known answer, either way
+    labels = (gt_boxes, gt_mask)
+    out = compute_drd(student_boxes, teacher_boxes, student_features, teacher_features, labels, validate=False)
+    assert out["loss_drd"].item() == pytest.approx((5.0 + 0.0 + 1.0) / 3)
+    # Without validation a degenerate box is not reported (its GIoU is computed as given) ...
+    bad = teacher_boxes.clone()
+    bad[0, 0, 2] = -0.1
+    foreground_aware_query_matching(student_boxes, bad, gt_boxes, gt_mask, validate=False)
+    with pytest.raises(ValueError, match="degenerate box in teacher_boxes"):  # ... which validation names
+        foreground_aware_query_matching(student_boxes, bad, gt_boxes, gt_mask)
+    # A selected index outside [0, Qt) is only looked for with validation.
+    selected, index = torch.tensor(SELECTED), torch.tensor(TEACHER_INDEX)
+    features_s, features_t = _hand_features()
+    bad_index = index.clone()
+    bad_index[0, 0] = 2
+    with pytest.raises(ValueError, match="outside"):
+        drd_loss(features_s, features_t, selected, bad_index)
+    with pytest.raises(RuntimeError):  # torch's own gather bound check (CPU) instead of the message
+        drd_loss(features_s, features_t, selected, bad_index, validate=False)

@@ -342,6 +342,46 @@ def test_hungarian_pairing_joins_queries_matched_to_the_same_ground_truth() -> N
     assert teacher_index[0, 1].item() == 4 and teacher_index[0, 3].item() == 0
 
 
+def test_hungarian_pairing_of_a_batch_matches_a_per_image_reference() -> None:
+    from transformers.loss.loss_for_object_detection import HungarianMatcher
+
+    generator = torch.Generator().manual_seed(7)
+    batch, num_student, num_teacher = 4, 6, 5
+
+    def boxes(*shape: int) -> torch.Tensor:
+        centre = torch.rand(*shape, 2, generator=generator) * 0.6 + 0.2
+        return torch.cat([centre, torch.rand(*shape, 2, generator=generator) * 0.3 + 0.05], dim=-1)
+
+    student_boxes, teacher_boxes = boxes(batch, num_student), boxes(batch, num_teacher)
+    student_logits = torch.randn(batch, num_student, 4, generator=generator)
+    teacher_logits = torch.randn(batch, num_teacher, 4, generator=generator)
+    counts = [3, 0, 7, 1]  # image 2 has more ground truths than the teacher has queries
+    labels = [{"class_labels": torch.randint(0, 3, (n,), generator=generator), "boxes": boxes(n)} for n in counts]
+    candidates, teacher_index = hungarian_query_pairs(
+        student_logits, student_boxes, teacher_logits, teacher_boxes, labels
+    )
+    unchecked = hungarian_query_pairs(
+        student_logits, student_boxes, teacher_logits, teacher_boxes, labels, validate=False
+    )
+    assert torch.equal(candidates, unchecked[0]) and torch.equal(teacher_index, unchecked[1])
+
+    matcher = HungarianMatcher(class_cost=1.0, bbox_cost=5.0, giou_cost=2.0)
+    for image, target in enumerate(labels):
+        ((s_query, s_gt),) = matcher(
+            {"logits": student_logits[image : image + 1], "pred_boxes": student_boxes[image : image + 1]}, [target]
+        )
+        ((t_query, t_gt),) = matcher(
+            {"logits": teacher_logits[image : image + 1], "pred_boxes": teacher_boxes[image : image + 1]}, [target]
+        )
+        teacher_of_gt = dict(zip(t_gt.tolist(), t_query.tolist()))
+        expected = {q: teacher_of_gt[g] for q, g in zip(s_query.tolist(), s_gt.tolist()) if g in teacher_of_gt}
+        assert candidates[image].nonzero().flatten().tolist() == sorted(expected), image
+        assert {q: teacher_index[image, q].item() for q in expected} == expected
+        assert (teacher_index[image][~candidates[image]] == 0).all()
+    # Image 1 has no ground truth; of image 2's 7 only those matched by both models (at most Qt = 5) give pairs.
+    assert candidates[1].sum() == 0 and 0 < candidates[2].sum() <= num_teacher
+
+
 def test_learned_sigma_is_the_only_parameter() -> None:
     distiller = IDaDetDistiller(init_sigma=3.0)
     params = dict(distiller.named_parameters())

@@ -162,6 +162,21 @@ def test_set_loss_validates_inputs() -> None:
         kd_detr_set_loss(student_logits, student_boxes[:, :2], teacher_logits, teacher_boxes, weights)
 
 
+def test_set_loss_without_validation_gives_the_same_terms_and_checks_only_shapes() -> None:
+    student_logits, student_boxes, teacher_logits, teacher_boxes, weights = _scene()
+    checked = kd_detr_set_loss(student_logits, student_boxes, teacher_logits, teacher_boxes, weights)
+    unchecked = kd_detr_set_loss(student_logits, student_boxes, teacher_logits, teacher_boxes, weights, validate=False)
+    assert {k: v.item() for k, v in checked.items()} == {k: v.item() for k, v in unchecked.items()}
+    negative = kd_detr_set_loss(student_logits, student_boxes, teacher_logits, teacher_boxes, -weights, validate=False)
+    assert negative["weight_sum"].item() < 0  # computed as given: the caller vouches for its weights
+    with pytest.raises(ValueError, match="weights must have shape"):
+        kd_detr_set_loss(student_logits, student_boxes, teacher_logits, teacher_boxes, weights[0], validate=False)
+    bad_boxes = student_boxes.detach().clone()
+    bad_boxes[..., 2] = -0.1  # negative widths: degenerate xyxy boxes
+    with pytest.raises(ValueError, match="degenerate box"):
+        kd_detr_set_loss(student_logits, bad_boxes, teacher_logits, teacher_boxes, weights)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # General sampling.
 # ---------------------------------------------------------------------------------------------------------------------

@@ -296,6 +296,28 @@ def test_post_process_matches_detr_image_processor() -> None:
         post_process_detections(logits, boxes[..., :2], sizes)
 
 
+def test_post_process_without_sizes_keeps_normalised_xyxy_and_ranks_like_the_processor() -> None:
+    from torchvision.ops import box_convert
+    from transformers import DetrImageProcessor
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 12, 4, generator=gen, dtype=torch.float64) * 2
+    boxes = torch.rand(2, 12, 4, generator=gen, dtype=torch.float64) * 0.5 + 0.1
+    ours = post_process_detections(logits, boxes, None, top_k=4)
+    reference = DetrImageProcessor().post_process_object_detection(
+        SimpleNamespace(logits=logits, pred_boxes=boxes), threshold=-1.0
+    )
+    for image, (got, ref) in enumerate(zip(ours, reference)):
+        order = torch.sort(ref["scores"], descending=True, stable=True).indices[:4]
+        assert got["boxes"].dtype == torch.float64 and got["boxes"].shape == (4, 4)
+        torch.testing.assert_close(got["boxes"], ref["boxes"][order])
+        torch.testing.assert_close(got["boxes"], box_convert(boxes[image, order], "cxcywh", "xyxy"))
+        assert torch.equal(got["labels"], ref["labels"][order])
+        torch.testing.assert_close(got["scores"], ref["scores"][order])
+    half = post_process_detections(logits.half(), boxes.half(), [[10, 20], [30, 40]], top_k=2)
+    assert half[0]["scores"].dtype == torch.float32 and half[0]["boxes"].dtype == torch.float32
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Trainer adapter
 # ----------------------------------------------------------------------------------------------------------------------

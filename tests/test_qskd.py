@@ -648,3 +648,33 @@ def test_short_training_run_lowers_the_qskd_loss(tmp_path, tiny_teacher_dir, tin
     assert all(math.isfinite(t) and t > 0 for t in totals)
     first, last = sum(totals[:10]) / 10, sum(totals[-10:]) / 10
     assert last < 0.8 * first, (first, last)
+
+
+def test_validate_false_gives_the_same_selection_and_pairs_without_checking() -> None:
+    logits, boxes, labels = _gqs_scene()
+    checked = group_query_selection(logits, boxes, labels, top_k=1)
+    unchecked = group_query_selection(logits, boxes, labels, top_k=1, validate=False)
+    for field in ("group", "positive", "best_giou"):
+        assert torch.equal(getattr(checked, field), getattr(unchecked, field)), field
+    assert checked.group[1].tolist() == NONE and checked.num_positives.item() == 2
+    # The class range is only checked with validation (the trainer's DETR loss has seen the labels).
+    out_of_range = [_target([0, 3], GT_XYXY), EMPTY]
+    with pytest.raises(ValueError, match="class_labels must lie"):
+        group_query_selection(logits, boxes, out_of_range)
+    group_query_selection(logits, boxes, out_of_range, validate=False)
+
+    student_logits, student_boxes, teacher_logits, teacher_boxes, teacher_index = _lapd_scene()
+    groups = checked.group
+    assert torch.equal(
+        local_alignment_matching(logits, boxes, groups, logits, boxes, groups).teacher_index,
+        local_alignment_matching(logits, boxes, groups, logits, boxes, groups, validate=False).teacher_index,
+    )
+    terms = local_alignment_prediction_loss(student_logits, student_boxes, teacher_logits, teacher_boxes, teacher_index)
+    same = local_alignment_prediction_loss(
+        student_logits, student_boxes, teacher_logits, teacher_boxes, teacher_index, validate=False
+    )
+    assert {k: v.item() for k, v in terms.items()} == {k: v.item() for k, v in same.items()}
+    with pytest.raises(ValueError, match="teacher_index must lie"):
+        local_alignment_prediction_loss(
+            student_logits, student_boxes, teacher_logits, teacher_boxes, torch.tensor([[1, -2, -1]])
+        )

@@ -219,6 +219,91 @@ def test_quant_layers_share_parameters_with_the_float_layer():
         torch.testing.assert_close(qconv(x), conv(x))
 
 
+def test_from_float_keeps_geometry_device_dtype_and_the_hf_init_mark():
+    conv = nn.Conv2d(4, 6, (3, 1), stride=(2, 1), padding=(1, 0), dilation=1, groups=2, padding_mode="reflect")
+    conv._is_hf_initialized = True
+    qconv = QuantConv2d.from_float(conv.double(), weight_bits=3, activation_bits=5, name="c")
+    assert (qconv.kernel_size, qconv.stride, qconv.padding, qconv.groups, qconv.padding_mode) == (
+        (3, 1),
+        (2, 1),
+        (1, 0),
+        2,
+        "reflect",
+    )
+    assert qconv.weight is conv.weight and qconv.bias is conv.bias and qconv._is_hf_initialized
+    assert qconv.weight.dtype == torch.float64 and qconv.weight_quantizer.bits == 3
+    assert qconv.input_quantizer.bits == 5 and qconv.input_quantizer.name == "c"
+    linear = QuantLinear.from_float(nn.Linear(5, 2, bias=False), integer_offset=True)
+    assert linear.bias is None and linear.input_quantizer.integer_offset
+    assert not getattr(linear, "_is_hf_initialized", False)
+
+
+def test_bit_checks_and_init_names_are_the_configs():
+    from qdetr_hf import configuration_qdetr
+
+    # One implementation, in the torch-free configuration module.
+    assert quantization.check_bits is configuration_qdetr.check_bits
+    assert quantization.OFFSET_INITS is configuration_qdetr.OFFSET_INITS
+    assert quantization.WEIGHT_STEP_INITS is configuration_qdetr.WEIGHT_STEP_INITS
+    assert quantization.ALIGNMENT_INITS is configuration_qdetr.ALIGNMENT_INITS
+    assert quantization.SOFTMAX_INITS is configuration_qdetr.SOFTMAX_INITS
+    assert configuration_qdetr.check_bits(8, "x") == 8
+    with pytest.raises(ValueError, match=r"QDetrConfig\.weight_bits must be an integer between 2 and 8, got 9\."):
+        configuration_qdetr.QDetrConfig(weight_bits=9)
+    with pytest.raises(ValueError, match="softmax_init must be one of"):
+        QuantAttention(8, 4, softmax_init="minmax")
+
+
+def test_lsq_per_channel_matches_pytorch_learnable_fake_quantize():
+    """The symmetric per-channel case against ``torch._fake_quantize_learnable_per_channel_affine``.
+
+    PyTorch scales the step gradient by its ``grad_factor`` argument: passing LSQ's ``1 / sqrt(N * Qp)`` makes the
+    two agree. The definitions differ only for ``x / s`` in ``(Qp, Qp + 0.5)`` or ``(Qn - 0.5, Qn)``: PyTorch tests the
+    range on the rounded value (inside, ``round(v) - v``), LSQ on the unrounded one (outside, ``Qp`` / ``Qn``).
+    """
+    bits, channels, per_channel = 4, 4, 50
+    qn, qp = quant_range(bits, signed=True)
+    steps = torch.tensor([0.5, 0.25, 0.125, 0.0625])  # powers of two: x / s is exact in both implementations
+    generator = torch.Generator().manual_seed(0)
+    v = (torch.rand(channels, per_channel, generator=generator) * 2 - 1) * (qp + 3)  # some values clip
+    agree = ~(((v > qp) & (v < qp + 0.5)) | ((v < qn) & (v > qn - 0.5)))
+    grad = torch.randn(channels, per_channel, generator=generator)
+    grad_factor = 1.0 / math.sqrt(per_channel * qp)
+
+    def ours(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        quantizer = LSQWeightQuantizer(channels, bits, weight_ndim=2)
+        with torch.no_grad():
+            quantizer.raw_step.copy_(steps[:, None])
+        weight = weight.clone().requires_grad_(True)
+        out = quantizer(weight)
+        out.backward(grad)
+        return out.detach(), weight.grad, quantizer.raw_step.grad.reshape(-1)
+
+    def pytorch(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weight = weight.clone().requires_grad_(True)
+        scale = steps.clone().requires_grad_(True)
+        out = torch._fake_quantize_learnable_per_channel_affine(
+            weight, scale, torch.zeros(channels), 0, qn, qp, grad_factor
+        )
+        out.backward(grad)
+        return out.detach(), weight.grad, scale.grad
+
+    weight = v * steps[:, None]
+    (out, grad_x, _), (ref_out, ref_grad_x, _) = ours(weight), pytorch(weight)
+    assert not agree.all()  # the case where the definitions differ is present ...
+    assert torch.equal(out, ref_out)  # ... and changes no forward value
+    assert torch.equal(grad_x[agree], ref_grad_x[agree])
+    assert not torch.equal(grad_x, ref_grad_x)
+
+    # Without values in the two bands every element agrees, so the per-channel step gradients do too.
+    v_out = torch.where(v > qp, v + 0.5, torch.where(v < qn, v - 0.5, v))
+    weight = v_out * steps[:, None]
+    (out, grad_x, grad_s), (ref_out, ref_grad_x, ref_grad_s) = ours(weight), pytorch(weight)
+    assert torch.equal(out, ref_out) and torch.equal(grad_x, ref_grad_x)
+    torch.testing.assert_close(grad_s, ref_grad_s, rtol=1e-5, atol=1e-6)
+    assert (grad_x == 0).any() and (grad_x != 0).any()  # both clipped and passed-through values were compared
+
+
 class _ReluNet(nn.Module):
     """A minimal model taking ``pixel_values``, as calibrate() expects."""
 

@@ -8,8 +8,12 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import DetrConfig
 
+# The quantization choices, defined once here (this module does not import torch) and used by `quantization.py`.
+MIN_BITS = 2
+MAX_BITS = 8
 DA_LOCATIONS = ("cross_attention", "self_attention", "both", "none")
 OFFSET_INITS = ("zero", "minmax", "mse")
+"""Initialisations of an activation quantizer's step and offset (`activation_offset_init`)."""
 SOFTMAX_INITS = ("unit_range", "lsq")
 WEIGHT_STEP_INITS = ("lsq", "mse")
 ALIGNMENT_INITS = ("unit", "fit")
@@ -59,9 +63,12 @@ def check_packing_spec(spec: Any) -> dict[str, int]:
     return dict(layers)
 
 
-def _check_bits(value: object, field: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-        raise ValueError(f"QDetrConfig.{field} must be an integer between 2 and 8, got {value!r}.")
+def check_bits(bits: Any, name: str = "bits") -> int:
+    """Return ``bits`` if it is an integer bit width in ``[MIN_BITS, MAX_BITS]`` (bools are not), else raise a
+    ValueError naming ``name``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{name} must be an integer between {MIN_BITS} and {MAX_BITS}, got {bits!r}.")
+    return bits
 
 
 @strict
@@ -186,9 +193,18 @@ class QDetrConfig(DetrConfig):
             ValueError: If a field has a value outside its choices or range.
         """
         for field in ("weight_bits", "activation_bits", "attention_bits", "first_conv_bits"):
-            _check_bits(getattr(self, field), field)
+            check_bits(getattr(self, field), f"QDetrConfig.{field}")
         if self.backbone_residual_bits is not None:
-            _check_bits(self.backbone_residual_bits, "backbone_residual_bits")
+            check_bits(self.backbone_residual_bits, "QDetrConfig.backbone_residual_bits")
+        if self.layer_weight_bits is not None:
+            if not isinstance(self.layer_weight_bits, dict) or not all(
+                isinstance(k, str) for k in self.layer_weight_bits
+            ):
+                raise ValueError(
+                    f"QDetrConfig.layer_weight_bits must map layer names to bit widths, got {self.layer_weight_bits!r}."
+                )
+            for name, bits in self.layer_weight_bits.items():
+                check_bits(bits, f"QDetrConfig.layer_weight_bits[{name!r}]")
         if self.distribution_alignment not in DA_LOCATIONS:
             raise ValueError(
                 f"QDetrConfig.distribution_alignment must be one of {DA_LOCATIONS}, got {self.distribution_alignment!r}."

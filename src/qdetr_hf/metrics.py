@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .box_ops import center_to_corners
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -132,8 +134,7 @@ def _xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
 
 def _cxcywh_to_xyxy_abs(boxes: torch.Tensor, sizes_hw: torch.Tensor) -> torch.Tensor:
     """Converts normalised (cx, cy, w, h) boxes (..., 4) to absolute xyxy using per-image (h, w) sizes (..., 2)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    xyxy = center_to_corners(boxes)
     img_h, img_w = sizes_hw.unbind(-1)
     scale = torch.stack([img_w, img_h, img_w, img_h], dim=-1)
     return xyxy * scale.unsqueeze(-2)
@@ -311,8 +312,10 @@ def post_process_detections(
 
     Same math as `DetrImageProcessor.post_process_object_detection`: softmax over the C + 1 classes, drop the last
     ("no object") column, score = max class probability, label = its argmax; boxes normalised (cx, cy, w, h) ->
-    (x1, y1, x2, y2) scaled by the image's (h, w). No score threshold (AP needs the whole ranked list): instead the
-    `top_k` best queries per image are kept, sorted by decreasing score (stable, so ties keep query order).
+    (x1, y1, x2, y2) (`torchvision.ops.box_convert`) scaled by the image's (h, w). No score threshold (AP needs the
+    whole ranked list): instead the `top_k` best queries per image are kept, sorted by decreasing score (stable, so
+    ties keep query order). The processor itself is not called because it thresholds the scores and returns each
+    image's detections in query order, with no top-k.
 
     Args:
         logits: (B, Q, C + 1) classification logits, last column = no-object.
@@ -353,8 +356,7 @@ def post_process_detections(
             raise ValueError(f"target_sizes must be ({batch}, 2) (height, width) per image, got {tuple(sizes.shape)}")
         boxes = _cxcywh_to_xyxy_abs(boxes, sizes.to(device=boxes.device, dtype=boxes.dtype))
     else:
-        cx, cy, w, h = boxes.unbind(-1)
-        boxes = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+        boxes = center_to_corners(boxes)
     return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
 
 

@@ -11,40 +11,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_BITS = 2
-MAX_BITS = 8
+from .configuration_qdetr import (
+    ALIGNMENT_INITS,
+    OFFSET_INITS,
+    SOFTMAX_INITS,
+    WEIGHT_STEP_INITS,
+    check_bits,
+)
+
 STEP_EPS = 1e-8
 """Lower bound of every effective step size: the stored step is used as ``|step|`` clamped to this value."""
 
 OffsetInit = Literal["zero", "minmax", "mse"]
 WeightStepInit = Literal["lsq", "mse"]
 AlignmentInit = Literal["unit", "fit"]
-WEIGHT_STEP_INITS = ("lsq", "mse")
-ALIGNMENT_INITS = ("unit", "fit")
-ACTIVATION_INITS = ("zero", "minmax", "mse")
 MSE_STEP_MULTIPLIERS = torch.logspace(math.log10(0.02), math.log10(8.0), 120).tolist()
-"""Candidate multiples of the LSQ step searched by the ``"mse"`` activation init (project choice: geometric grid, 5.2%
-apart, from 0.02 for 8-bit inputs, whose error-minimising step is 3-8x below LSQ's, to 8 for heavy-tailed 4-bit
-inputs, such as the stem's post-ReLU maps, which want steps above twice LSQ's)."""
+"""Candidate multiples of the LSQ step searched by the ``"mse"`` activation init (project choice: a geometric grid of
+120 values from 0.02, for 8-bit inputs whose error-minimising step lies well below LSQ's, to 8, for heavy-tailed 4-bit
+inputs such as the stem's post-ReLU maps, which want steps above LSQ's)."""
 MSE_SAMPLES_PER_BATCH = 16384
 """Input values an ``"mse"`` activation quantizer keeps per calibration batch (evenly strided, no RNG)."""
-
-
-def check_bits(bits: Any, name: str = "bits") -> int:
-    """Validate a bit width and return it as ``int``.
-
-    Args:
-        bits: The requested bit width.
-        name: Name of the setting, used in the error message.
-
-    Raises:
-        ValueError: If ``bits`` is not an integer in ``[2, 8]``.
-    """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(
-            f"{name} must be an integer between {MIN_BITS} and {MAX_BITS} (LSQ fake quantization), got {bits!r}."
-        )
-    return bits
 
 
 def quant_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -73,11 +59,13 @@ class _LSQFunction(torch.autograd.Function):
     The forward makes five passes over ``x`` (shift and scale in place, clamp, mask, round in place, rescale) and
     saves the mask, ``round(clamp(v))`` and ``v``. The backward never builds the local step gradient: since it is
     ``q - v`` inside and ``q`` outside, ``sum(g * local) = sum(g * q) - sum(g_x * v)`` with ``g_x = g * inside``, two
-    dot products (one pass each, nothing allocated) for a per-tensor step: forward + backward of a (8, 16, 64, 64)
-    activation take 3.1 ms instead of 4.8 ms when the local gradient was saved (2-core reference CPU). ``s`` and
-    ``z`` broadcast against ``x``; their gradients are summed back to their own shapes, so a per-channel step (shape
-    ``(C, 1, ...)``) gets a per-channel gradient. ``z`` may be ``None`` (symmetric LSQ); ``Qn``, ``Qp`` and
-    ``grad_scale`` are Python numbers.
+    dot products (one pass each, nothing allocated) for a per-tensor step, instead of saving a local-gradient tensor
+    of the input's size (``benchmarks/speed.py`` measures the fused function). ``s`` and ``z`` broadcast against
+    ``x``; their gradients are summed back to their own shapes, so a per-channel step (shape ``(C, 1, ...)``) gets a
+    per-channel gradient. ``z`` may be ``None`` (symmetric LSQ); ``Qn``, ``Qp`` and ``grad_scale`` are Python numbers.
+    The symmetric per-channel case equals ``torch._fake_quantize_learnable_per_channel_affine`` with ``grad_factor =
+    grad_scale`` except where ``v`` lies within half a step outside ``[Qn, Qp]`` (PyTorch tests the range after
+    rounding); tests/test_quantization.py compares the two.
 
     With ``integer_offset`` the offset counts whole steps, ``k = round(z / s)`` (:func:`integer_shift`), and the
     forward computes what ONNX's QuantizeLinear / DequantizeLinear compute with an integer zero point: ``q =
@@ -309,8 +297,8 @@ class LSQActivationQuantizer(_Quantizer):
         if known_range is not None and not known_range[0] < known_range[1]:
             raise ValueError(f"known_range must be (low, high) with low < high, got {known_range!r}.")
         self.known_range = known_range
-        if offset_init not in ACTIVATION_INITS:
-            raise ValueError(f"offset_init must be one of {ACTIVATION_INITS}, got {offset_init!r}.")
+        if offset_init not in OFFSET_INITS:
+            raise ValueError(f"offset_init must be one of {OFFSET_INITS}, got {offset_init!r}.")
         if offset_init == "minmax" and not learn_offset:
             raise ValueError("offset_init='minmax' needs learn_offset=True (plain LSQ has no offset).")
         self.learn_offset = learn_offset
@@ -458,6 +446,17 @@ class _RangeObserver:
             self.samples.append(flat[:: max(1, flat.numel() // self.sample_size)][: self.sample_size].clone())
 
 
+def _wrap_float_layer(cls: type[nn.Module], layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """``cls(*args, **kwargs)`` built around ``layer``'s own ``weight`` and ``bias`` objects (so checkpoints keep the
+    float layer's keys), on its device and dtype; transformers' "already initialised" mark is carried over."""
+    quantized = cls(*args, bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype, **kwargs)
+    quantized.weight = layer.weight
+    quantized.bias = layer.bias
+    if getattr(layer, "_is_hf_initialized", False):
+        quantized._is_hf_initialized = True
+    return quantized
+
+
 class QuantLinear(nn.Linear):
     """``nn.Linear`` with an LSQ per-channel weight quantizer and an LSQ+ input quantizer.
 
@@ -489,19 +488,7 @@ class QuantLinear(nn.Linear):
     @classmethod
     def from_float(cls, linear: nn.Linear, **kwargs: Any) -> QuantLinear:
         """Wrap an existing ``nn.Linear`` (same parameter objects) into a quantized layer."""
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-            **kwargs,
-        )
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        if getattr(linear, "_is_hf_initialized", False):
-            layer._is_hf_initialized = True
-        return layer
+        return _wrap_float_layer(cls, linear, (linear.in_features, linear.out_features), kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
@@ -531,25 +518,16 @@ class QuantConv2d(nn.Conv2d):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **kwargs: Any) -> QuantConv2d:
         """Wrap an existing ``nn.Conv2d`` (same parameter objects) into a quantized layer."""
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-            **kwargs,
+        geometry = {
+            "stride": conv.stride,
+            "padding": conv.padding,
+            "dilation": conv.dilation,
+            "groups": conv.groups,
+            "padding_mode": conv.padding_mode,
+        }
+        return _wrap_float_layer(
+            cls, conv, (conv.in_channels, conv.out_channels, conv.kernel_size), {**geometry, **kwargs}
         )
-        layer.weight = conv.weight
-        layer.bias = conv.bias
-        if getattr(conv, "_is_hf_initialized", False):
-            layer._is_hf_initialized = True
-        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
@@ -668,8 +646,8 @@ class QuantAttention(nn.Module):
         integer_offset: bool = False,
     ) -> None:
         super().__init__()
-        if softmax_init not in ("unit_range", "lsq"):
-            raise ValueError(f"softmax_init must be 'unit_range' or 'lsq', got {softmax_init!r}.")
+        if softmax_init not in SOFTMAX_INITS:
+            raise ValueError(f"softmax_init must be one of {SOFTMAX_INITS}, got {softmax_init!r}.")
         self.alignment = DistributionAlignment(head_dim, eps, alignment_init) if align_queries else None
 
         def make(part: str, known_range: tuple[float, float] | None = None) -> LSQActivationQuantizer:

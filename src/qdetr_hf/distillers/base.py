@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from numbers import Real
 from typing import Any
 
 import torch
 from torch import nn
+
+
+def check_non_negative(value: Any, name: str) -> None:
+    """Raise ValueError unless ``value`` is a finite real number >= 0 (a weight or cost; bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_positive(value: Any, name: str) -> None:
+    """Raise ValueError unless ``value`` is a finite real number > 0 (a scale such as a temperature or a sigma)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 @dataclass

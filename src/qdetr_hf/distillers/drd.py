@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from qdetr_hf.box_ops import center_to_corners, pad_targets, pairwise_generalized_box_iou
-from qdetr_hf.distillers.base import DetectorOutputs, Distiller, stacked_co_attended_features
+from qdetr_hf.box_ops import (
+    center_to_corners,
+    check_corners,
+    compute_dtype,
+    constant_box,
+    pad_targets,
+    pairwise_generalized_box_iou,
+)
+from qdetr_hf.distillers.base import DetectorOutputs, Distiller, check_non_negative, stacked_co_attended_features
 
 __all__ = [
     "DEFAULT_DRD_WEIGHT",
@@ -58,11 +64,6 @@ def _check_boxes(boxes: torch.Tensor, name: str, ndim: int = 3) -> None:
         raise ValueError(f"{name} must have shape (B, N, 4) (normalised cxcywh), got {tuple(boxes.shape)}")
 
 
-def _check_weight(value: float, name: str) -> None:
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-
-
 @torch.no_grad()
 def foreground_aware_query_matching(
     student_boxes: torch.Tensor,
@@ -72,6 +73,8 @@ def foreground_aware_query_matching(
     tau: float = 0.6,
     match_giou_weight: float = 2.0,
     match_l1_weight: float = 5.0,
+    *,
+    validate: bool = True,
 ) -> FQMResult:
     """Q-DETR's Foreground-aware Query Matching (FQM): pick foreground student queries and pair them with teacher ones.
 
@@ -96,7 +99,8 @@ def foreground_aware_query_matching(
       ``τ = 1`` keeps nothing.
 
     Images without ground truth (all of ``gt_mask`` False, or G = 0) keep nothing. Runs under ``torch.no_grad``, is
-    vectorised over the batch and computes in float32 (float64 stays float64).
+    vectorised over the batch and computes in float32 (float64 stays float64). With ``validate=False`` it reads no
+    tensor value on the host (no device synchronisation).
 
     Args:
         student_boxes: (B, Qs, 4) student predicted boxes, normalised cxcywh (normally the last decoder layer).
@@ -107,13 +111,14 @@ def foreground_aware_query_matching(
         tau: Selection threshold τ in [0, 1] (paper: 0.6; 0.5 ties).
         match_giou_weight: μ1, weight of the GIoU term of the pairing score (DETR: 2).
         match_l1_weight: μ2, weight of the L1 term of the pairing score (DETR: 5).
+        validate: Check that no box (predicted or real ground truth) is degenerate; reads the boxes on the host.
 
     Returns:
         An :class:`FQMResult` with ``selected``, ``teacher_index``, ``gt_giou_max`` and ``pair_score``.
 
     Raises:
         ValueError: On inconsistent shapes, a non-bool mask, ``tau`` outside [0, 1], negative or non-finite weights,
-            no student/teacher queries, or degenerate boxes (negative width or height).
+            no student/teacher queries, or (with ``validate``) degenerate boxes (negative width or height, NaN).
     """
     _check_boxes(student_boxes, "student_boxes")
     _check_boxes(teacher_boxes, "teacher_boxes")
@@ -136,10 +141,10 @@ def foreground_aware_query_matching(
         )
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must be in [0, 1], got {tau}")
-    _check_weight(match_giou_weight, "match_giou_weight")
-    _check_weight(match_l1_weight, "match_l1_weight")
+    check_non_negative(match_giou_weight, "match_giou_weight")
+    check_non_negative(match_l1_weight, "match_l1_weight")
 
-    dtype = torch.float64 if student_boxes.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(student_boxes)
     student = student_boxes.detach().to(dtype)
     teacher = teacher_boxes.detach().to(device=student.device, dtype=dtype)
     gt_mask = gt_mask.to(student.device)
@@ -147,18 +152,22 @@ def foreground_aware_query_matching(
 
     student_xyxy = center_to_corners(student)
     teacher_xyxy = center_to_corners(teacher)
-    dummy = torch.tensor(_DUMMY_GT_XYXY, dtype=dtype, device=student.device)
+    dummy = constant_box(_DUMMY_GT_XYXY, dtype, student.device)
     gt_xyxy = torch.where(gt_mask[..., None], center_to_corners(gt), dummy)
+    if validate:
+        check_corners(student_xyxy, "student_boxes")
+        check_corners(teacher_xyxy, "teacher_boxes")
+        check_corners(gt_xyxy, "gt_boxes")
 
     # Steps 1-2: foreground selection.
-    giou_gt_student = pairwise_generalized_box_iou(gt_xyxy, student_xyxy)  # (B, G, Qs)
+    giou_gt_student = pairwise_generalized_box_iou(gt_xyxy, student_xyxy, validate=False)  # (B, G, Qs)
     gt_giou_max = giou_gt_student.amax(dim=-1)  # (B, G)
     keep = (giou_gt_student > tau * gt_giou_max[..., None]) & gt_mask[..., None]  # (B, G, Qs)
     selected = keep.any(dim=1)  # (B, Qs)
     gt_giou_max = gt_giou_max.masked_fill(~gt_mask, 0.0)
 
     # Step 3: per-student argmax pairing with the teacher queries.
-    giou_student_teacher = pairwise_generalized_box_iou(student_xyxy, teacher_xyxy)  # (B, Qs, Qt)
+    giou_student_teacher = pairwise_generalized_box_iou(student_xyxy, teacher_xyxy, validate=False)  # (B, Qs, Qt)
     l1_student_teacher = torch.cdist(student, teacher, p=1)  # (B, Qs, Qt)
     score = match_giou_weight * giou_student_teacher - match_l1_weight * l1_student_teacher
     pair_score, teacher_index = score.max(dim=-1)
@@ -170,6 +179,8 @@ def drd_loss(
     teacher_features: torch.Tensor,
     selected: torch.Tensor,
     teacher_index: torch.Tensor,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Q-DETR's Distribution Rectification Distillation loss on the co-attended features of the kept queries.
 
@@ -192,12 +203,15 @@ def drd_loss(
         selected: (B, Qs) bool, kept student queries (``FQMResult.selected``).
         teacher_index: (B, Qs) integer, paired teacher query per student query (``FQMResult.teacher_index``); only
             read where ``selected`` is True.
+        validate: Check that every selected ``teacher_index`` lies in ``[0, Qt)`` (reads it on the host);
+            ``False`` makes no host synchronisation (FQM's argmax always gives a valid index).
 
     Returns:
         0-dim loss tensor.
 
     Raises:
-        ValueError: On inconsistent shapes or dtypes, or a selected ``teacher_index`` outside ``[0, Qt)``.
+        ValueError: On inconsistent shapes or dtypes, or (with ``validate``) a selected ``teacher_index`` outside
+            ``[0, Qt)``.
     """
     if student_features.ndim not in (3, 4) or teacher_features.ndim != student_features.ndim:
         raise ValueError(
@@ -229,10 +243,10 @@ def drd_loss(
     device = student.device
     selected = selected.to(device)
     index = torch.where(selected, teacher_index.to(device=device, dtype=torch.long), 0)
-    if index.numel() > 0 and bool(((index < 0) | (index >= num_teacher)).any()):
+    if validate and index.numel() > 0 and bool(((index < 0) | (index >= num_teacher)).any()):
         raise ValueError(f"teacher_index of a selected query is outside [0, {num_teacher})")
 
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(student)
     student = student.to(dtype)
     teacher = teacher.detach().to(device=device, dtype=dtype)
     paired = torch.gather(teacher, 2, index[None, :, :, None].expand(num_layers, batch, num_student, dim))
@@ -253,6 +267,8 @@ def compute_drd(
     tau: float = 0.6,
     match_giou_weight: float = 2.0,
     match_l1_weight: float = 5.0,
+    *,
+    validate: bool = True,
 ) -> dict[str, torch.Tensor]:
     """FQM followed by the DRD loss, for users' own training loops.
 
@@ -270,6 +286,8 @@ def compute_drd(
         tau: Selection threshold τ (paper: 0.6).
         match_giou_weight: μ1 of the pairing score.
         match_l1_weight: μ2 of the pairing score.
+        validate: Check the box values (labels, predictions) on the host; ``False`` (what :class:`DRDDistiller`
+            passes) makes the whole computation free of host synchronisation.
 
     Returns:
         ``{"loss_drd": 0-dim loss, "num_selected": 0-dim long tensor (kept queries in the batch)}``.
@@ -281,7 +299,11 @@ def compute_drd(
     if isinstance(labels, tuple) and len(labels) == 2 and all(isinstance(t, torch.Tensor) for t in labels):
         gt_boxes, gt_mask = labels
     else:
-        gt_boxes, _, gt_mask = pad_targets(labels, device=student_boxes.device)  # type: ignore[arg-type]
+        gt_boxes, _, gt_mask = pad_targets(
+            labels,  # type: ignore[arg-type]
+            device=student_boxes.device,
+            validate=validate,
+        )
     matching = foreground_aware_query_matching(
         student_boxes,
         teacher_boxes,
@@ -290,8 +312,10 @@ def compute_drd(
         tau=tau,
         match_giou_weight=match_giou_weight,
         match_l1_weight=match_l1_weight,
+        validate=validate,
     )
-    loss = drd_loss(student_features, teacher_features, matching.selected, matching.teacher_index)
+    # FQM's argmax always gives valid indices: nothing to check on the host.
+    loss = drd_loss(student_features, teacher_features, matching.selected, matching.teacher_index, validate=False)
     return {"loss_drd": loss, "num_selected": matching.num_selected}
 
 
@@ -301,6 +325,9 @@ class DRDDistiller(Distiller):
     Foreground-aware Query Matching on the final-layer boxes selects student queries near the ground truth and pairs
     each with a teacher query; the loss is the mean Euclidean distance between their co-attended features, averaged
     over ``layers``, and is returned as ``loss_drd = weight * L_DRD`` (so the total is ``L_GT + λ L_DRD``).
+
+    ``forward`` makes no host synchronisation: it calls :func:`compute_drd` with ``validate=False`` (the trainer has
+    run DETR's own loss on the same batch, whose matcher raises on degenerate ground-truth or predicted boxes).
 
     Args:
         tau: Selection threshold τ relative to ``G_i`` (paper: 0.6; 0.5 tied).
@@ -324,9 +351,9 @@ class DRDDistiller(Distiller):
         super().__init__()
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"DRD tau must be in [0, 1], got {tau!r}.")
-        _check_weight(weight, "weight")
-        _check_weight(match_giou_weight, "match_giou_weight")
-        _check_weight(match_l1_weight, "match_l1_weight")
+        check_non_negative(weight, "weight")
+        check_non_negative(match_giou_weight, "match_giou_weight")
+        check_non_negative(match_l1_weight, "match_l1_weight")
         if not layers:
             raise ValueError("DRD needs at least one decoder layer to distil (layers=()).")
         self.tau = tau
@@ -348,6 +375,7 @@ class DRDDistiller(Distiller):
             tau=self.tau,
             match_giou_weight=self.match_giou_weight,
             match_l1_weight=self.match_l1_weight,
+            validate=False,
         )
         return {"loss_drd": self.weight * terms["loss_drd"], "drd_selected": terms["num_selected"].float()}
 

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from itertools import accumulate
 from typing import Literal
 
 import torch
 from torch import nn
 from transformers.loss.loss_for_object_detection import HungarianMatcher
 
-from qdetr_hf.box_ops import pad_targets
-from qdetr_hf.distillers.base import DetectorOutputs, Distiller, stacked_co_attended_features
+from qdetr_hf.box_ops import compute_dtype, pad_targets
+from qdetr_hf.distillers.base import (
+    DetectorOutputs,
+    Distiller,
+    check_non_negative,
+    check_positive,
+    stacked_co_attended_features,
+)
 from qdetr_hf.distillers.drd import foreground_aware_query_matching
 
 __all__ = [
@@ -71,16 +78,6 @@ def _check_scope(scope: str) -> None:
         raise ValueError(f"scope must be 'batch' or 'image', got {scope!r}")
 
 
-def _check_weight(value: float, name: str, positive: bool = False) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-
-
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-
-
 @torch.no_grad()
 def information_discrepancy(
     student_features: torch.Tensor,
@@ -120,7 +117,7 @@ def information_discrepancy(
     """
     _check_scope(scope)
     student, teacher, candidates = _check_paired(student_features, teacher_features, candidates, "candidates")
-    dtype = _compute_dtype(student)
+    dtype = compute_dtype(student)
     student = student.detach().to(dtype)
     teacher = teacher.detach().to(device=student.device, dtype=dtype)
     weight = candidates.to(dtype)[None, :, :, None]  # (1, B, Q, 1)
@@ -196,10 +193,10 @@ def _entropy_terms(
     student, teacher, kept = _check_paired(student_features, teacher_features, kept, "kept")
     if not isinstance(log_variance, torch.Tensor) or log_variance.numel() != 1:
         raise ValueError(f"log_variance must be a one-element tensor, got {getattr(log_variance, 'shape', None)}")
-    _check_weight(squared_weight, "squared_weight")
-    _check_weight(log_variance_weight, "log_variance_weight", positive=True)
-    _check_weight(regularizer, "regularizer")
-    dtype = _compute_dtype(student)
+    check_non_negative(squared_weight, "squared_weight")
+    check_positive(log_variance_weight, "log_variance_weight")
+    check_non_negative(regularizer, "regularizer")
+    dtype = compute_dtype(student)
     student = student.to(dtype)
     teacher = teacher.detach().to(device=student.device, dtype=dtype)
     num_layers, _, _, dim = student.shape
@@ -275,6 +272,7 @@ def hungarian_query_pairs(
     class_cost: float = 1.0,
     bbox_cost: float = 5.0,
     giou_cost: float = 2.0,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair the student and teacher queries that DETR's Hungarian matcher assigns to the same ground-truth box.
 
@@ -291,6 +289,7 @@ def hungarian_query_pairs(
         class_cost: Class cost of the matching (DETR: 1).
         bbox_cost: L1 box cost (DETR: 5).
         giou_cost: GIoU cost (DETR: 2).
+        validate: Check the label values on the host (:func:`~qdetr_hf.box_ops.pad_targets`) before matching.
 
     Returns:
         ``(candidates (B, Qs) bool, teacher_index (B, Qs) long)``; ``teacher_index`` is 0 where not a candidate. When
@@ -309,12 +308,14 @@ def hungarian_query_pairs(
         raise ValueError(
             f"batch sizes differ: student {batch}, teacher {teacher_boxes.shape[0]}, labels {len(labels)} images"
         )
-    pad_targets(labels)  # validates the labels with clear errors
+    if validate:
+        pad_targets(labels)
     device = student_boxes.device
     targets = [
         {"class_labels": t["class_labels"].to(device).long(), "boxes": t["boxes"].to(device).float()} for t in labels
     ]
     matcher = HungarianMatcher(class_cost=class_cost, bbox_cost=bbox_cost, giou_cost=giou_cost)
+    # The assignments are the matcher's host step (scipy, as in DETR's own loss); its indices are host tensors.
     student_match = matcher(
         {"logits": student_logits.detach().float(), "pred_boxes": student_boxes.detach().float()}, targets
     )
@@ -322,18 +323,20 @@ def hungarian_query_pairs(
         {"logits": teacher_logits.detach().float().to(device), "pred_boxes": teacher_boxes.detach().float().to(device)},
         targets,
     )
-    candidates = torch.zeros(batch, num_student, dtype=torch.bool, device=device)
-    teacher_index = torch.zeros(batch, num_student, dtype=torch.long, device=device)
-    # Index marshalling of the per-image assignments (tiny, host-side, like DETR's own matcher output).
-    for image, ((s_query, s_gt), (t_query, t_gt)) in enumerate(zip(student_match, teacher_match)):
-        num_gt = len(targets[image]["boxes"])
-        gt_to_teacher = torch.full((num_gt,), -1, dtype=torch.long)
-        gt_to_teacher[t_gt] = t_query
-        partner = gt_to_teacher[s_gt]
-        ok = partner >= 0
-        candidates[image, s_query[ok].to(device)] = True
-        teacher_index[image, s_query[ok].to(device)] = partner[ok].to(device)
-    return candidates, teacher_index
+    # Ground truths numbered across the batch: image i's are offsets[i], ..., offsets[i + 1] - 1.
+    offsets = [0, *accumulate(len(target["boxes"]) for target in targets)]
+    gt_to_teacher = torch.full((offsets[-1],), -1, dtype=torch.long)
+    gt_to_teacher[torch.cat([g + offset for (_, g), offset in zip(teacher_match, offsets)])] = torch.cat(
+        [q for q, _ in teacher_match]
+    )
+    image = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(student_match)])
+    query = torch.cat([q for q, _ in student_match])
+    partner = gt_to_teacher[torch.cat([g + offset for (_, g), offset in zip(student_match, offsets)])]
+    candidates = torch.zeros(batch, num_student, dtype=torch.bool)
+    teacher_index = torch.zeros(batch, num_student, dtype=torch.long)
+    candidates[image, query] = partner >= 0
+    teacher_index[image, query] = partner.clamp(min=0)
+    return candidates.to(device), teacher_index.to(device)
 
 
 class IDaDetDistiller(Distiller):
@@ -356,6 +359,10 @@ class IDaDetDistiller(Distiller):
 
     Returns ``{"loss_ida": weight · L, "ida_residual": mean squared residual m of the kept pairs, "ida_pairs": kept
     pairs, "ida_candidates": candidate pairs, "ida_sigma": σ}`` (all but ``loss_ida`` are detached statistics).
+
+    ``forward`` does not re-validate the labels (the trainer has run DETR's loss, whose matcher raises on degenerate
+    boxes) and, with ``pairing="fqm"``, makes no host synchronisation; ``"hungarian"`` adds the matcher's host step
+    (scipy), as DETR's own loss has.
 
     **Batch dependence.** With ``selection_scope="batch"`` (default, project choice) the variance of the score and the
     top-γ ranking pool all candidate pairs of the (per-device micro-)batch, so which pairs of an image are kept
@@ -418,11 +425,11 @@ class IDaDetDistiller(Distiller):
         super().__init__()
         if not isinstance(gamma, (int, float)) or not 0.0 < gamma <= 1.0:
             raise ValueError(f"IDa-Det gamma must be in (0, 1], got {gamma!r}.")
-        _check_weight(weight, "weight")
-        _check_weight(squared_weight, "squared_weight")
-        _check_weight(log_variance_weight, "log_variance_weight", positive=True)
-        _check_weight(regularizer, "regularizer")
-        _check_weight(init_sigma, "init_sigma", positive=True)
+        check_non_negative(weight, "weight")
+        check_non_negative(squared_weight, "squared_weight")
+        check_positive(log_variance_weight, "log_variance_weight")
+        check_non_negative(regularizer, "regularizer")
+        check_positive(init_sigma, "init_sigma")
         if pairing not in ("fqm", "hungarian"):
             raise ValueError(f"IDa-Det pairing must be 'fqm' or 'hungarian', got {pairing!r}.")
         _check_scope(selection_scope)
@@ -435,7 +442,7 @@ class IDaDetDistiller(Distiller):
             (bbox_cost, "bbox_cost"),
             (giou_cost, "giou_cost"),
         ):
-            _check_weight(value, label)
+            check_non_negative(value, label)
         if not layers:
             raise ValueError("IDa-Det needs at least one decoder layer to distil (layers=()).")
         self.gamma = float(gamma)
@@ -474,8 +481,9 @@ class IDaDetDistiller(Distiller):
                 class_cost=self.class_cost,
                 bbox_cost=self.bbox_cost,
                 giou_cost=self.giou_cost,
+                validate=False,
             )
-        gt_boxes, _, gt_mask = pad_targets(labels, device=student.pred_boxes.device)
+        gt_boxes, _, gt_mask = pad_targets(labels, device=student.pred_boxes.device, validate=False)
         matching = foreground_aware_query_matching(
             student.pred_boxes,
             teacher.pred_boxes,
@@ -484,6 +492,7 @@ class IDaDetDistiller(Distiller):
             tau=self.tau,
             match_giou_weight=self.match_giou_weight,
             match_l1_weight=self.match_l1_weight,
+            validate=False,
         )
         return matching.selected, matching.teacher_index
 

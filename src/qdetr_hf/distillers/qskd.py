@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +14,18 @@ from transformers.loss.loss_for_object_detection import HungarianMatcher
 
 from qdetr_hf.box_ops import (
     center_to_corners,
+    compute_dtype,
     elementwise_generalized_box_iou,
     pad_targets,
     pairwise_generalized_box_iou,
 )
-from qdetr_hf.distillers.base import DetectorOutputs, Distiller, hidden_state_predictions
-from qdetr_hf.distillers.drd import _check_weight
+from qdetr_hf.distillers.base import (
+    DetectorOutputs,
+    Distiller,
+    check_non_negative,
+    check_positive,
+    hidden_state_predictions,
+)
 
 __all__ = [
     "DETR_MATCHER_COSTS",
@@ -76,15 +81,11 @@ def _check_groups(groups: torch.Tensor, shape: tuple[int, int], name: str) -> No
 
 
 def _check_costs(class_cost: float, bbox_cost: float, giou_cost: float) -> None:
-    _check_weight(class_cost, "class_cost")
-    _check_weight(bbox_cost, "bbox_cost")
-    _check_weight(giou_cost, "giou_cost")
+    check_non_negative(class_cost, "class_cost")
+    check_non_negative(bbox_cost, "bbox_cost")
+    check_non_negative(giou_cost, "giou_cost")
     if class_cost == 0 and bbox_cost == 0 and giou_cost == 0:
         raise ValueError("class_cost, bbox_cost and giou_cost cannot all be 0 (the matching would be arbitrary)")
-
-
-def _float_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -138,6 +139,7 @@ def group_query_selection(
     giou_cost: float = DETR_MATCHER_COSTS[2],
     tau: float = 0.5,
     top_k: int | None = None,
+    validate: bool = True,
 ) -> GQSResult:
     """QSKD's Group Query Selection (GQS): positives, hard negatives and their ground-truth groups.
 
@@ -153,7 +155,8 @@ def group_query_selection(
     * **Easy negatives**: every other query; ``group = -1``, they get no distillation.
 
     Images without ground truth select nothing. Runs under ``torch.no_grad`` (one ``linear_sum_assignment`` per image,
-    as in DETR) and computes geometry in float32 (float64 stays float64).
+    as in DETR) and computes geometry in float32 (float64 stays float64). The matcher's host round trip (scipy) is
+    the only host synchronisation with ``validate=False``.
 
     Args:
         logits: (B, Q, num_labels + 1) final-layer class logits (last column: no object).
@@ -164,13 +167,14 @@ def group_query_selection(
         giou_cost: Matcher weight of the GIoU term (DETR config ``giou_cost``: 2).
         tau: Hard-negative GIoU threshold, in [-1, 1] (project choice 0.5; the paper's value is not public).
         top_k: Keep at most this many hard negatives per ground truth (``None``: all of them).
+        validate: Check the label values (class range, finite boxes with non-negative sizes) on the host.
 
     Returns:
         A :class:`GQSResult`.
 
     Raises:
-        ValueError: On inconsistent shapes, a class label outside ``[0, num_labels)``, ``tau`` outside [-1, 1], a
-            negative ``top_k``, or bad matcher costs.
+        ValueError: On inconsistent shapes, (with ``validate``) a class label outside ``[0, num_labels)`` or a bad
+            box, ``tau`` outside [-1, 1], a negative ``top_k``, or bad matcher costs.
     """
     _check_predictions(logits, pred_boxes, "group_query_selection")
     batch, num_queries, num_columns = logits.shape
@@ -186,37 +190,43 @@ def group_query_selection(
     _check_costs(class_cost, bbox_cost, giou_cost)
 
     device = logits.device
-    dtype = _float_dtype(pred_boxes)
-    gt_boxes, gt_classes, gt_mask = pad_targets(labels, device=device)
-    real_classes = gt_classes[gt_mask]
-    if real_classes.numel() and bool(((real_classes < 0) | (real_classes >= num_columns - 1)).any()):
-        raise ValueError(
-            f"class_labels must lie in [0, {num_columns - 1}) for logits with {num_columns - 1} classes + no-object, "
-            f"got {sorted(set(real_classes.tolist()))}"
-        )
+    dtype = compute_dtype(pred_boxes)
+    gt_boxes, gt_classes, gt_mask = pad_targets(labels, device=device, validate=validate)
+    if validate:
+        real_classes = gt_classes[gt_mask]
+        if real_classes.numel() and bool(((real_classes < 0) | (real_classes >= num_columns - 1)).any()):
+            raise ValueError(
+                f"class_labels must lie in [0, {num_columns - 1}) for logits with {num_columns - 1} classes + "
+                f"no-object, got {sorted(set(real_classes.tolist()))}"
+            )
     boxes = pred_boxes.detach().to(dtype)
     gt_boxes = gt_boxes.to(dtype)
+    num_gt = [len(target["boxes"]) for target in labels]  # shapes: known on the host
 
     # Positives: DETR's Hungarian matcher (per image linear_sum_assignment inside).
     group = torch.full((batch, num_queries), -1, dtype=torch.long, device=device)
-    if bool(gt_mask.any()):
+    if any(num_gt):
         matcher = HungarianMatcher(class_cost=class_cost, bbox_cost=bbox_cost, giou_cost=giou_cost)
-        targets = [{"class_labels": gt_classes[i][gt_mask[i]], "boxes": gt_boxes[i][gt_mask[i]]} for i in range(batch)]
+        # pad_targets keeps each image's boxes first, in order: its first n slots are the real ones.
+        targets = [{"class_labels": gt_classes[i, :n], "boxes": gt_boxes[i, :n]} for i, n in enumerate(num_gt)]
+        # The matcher's assignment is a host step (scipy, as in DETR's own loss): its indices come back from the host.
         indices = matcher({"logits": logits.detach().to(dtype), "pred_boxes": boxes}, targets)
         image = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device)
         query = torch.cat([q for q, _ in indices]).to(device)
         matched_gt = torch.cat([g for _, g in indices]).to(device)
-        group[image, query] = matched_gt  # pad_targets keeps each image's boxes first, in order
+        group[image, query] = matched_gt
     positive = group >= 0
 
     # Hard negatives: unmatched queries with max GIoU to a real ground truth above tau.
-    giou = pairwise_generalized_box_iou(center_to_corners(boxes), center_to_corners(gt_boxes))  # (B, Q, G)
+    giou = pairwise_generalized_box_iou(
+        center_to_corners(boxes), center_to_corners(gt_boxes), validate=validate
+    )  # (B, Q, G)
     giou = giou.masked_fill(~gt_mask[:, None, :], -2.0)
     best_giou, best_gt = giou.max(dim=-1)  # ties: lowest ground-truth index
     hard = ~positive & (best_giou > tau)
     if top_k is not None:
-        num_gt = gt_mask.shape[1]
-        in_group = hard[:, None, :] & (best_gt[:, None, :] == torch.arange(num_gt, device=device)[None, :, None])
+        slots = torch.arange(gt_mask.shape[1], device=device)
+        in_group = hard[:, None, :] & (best_gt[:, None, :] == slots[None, :, None])
         score = torch.where(in_group, best_giou[:, None, :], float("-inf"))  # (B, G, Q)
         order = torch.sort(score, dim=-1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(num_queries, device=device).expand_as(order))
@@ -263,7 +273,7 @@ def attention_foreground_mask(
             f"{tuple(getattr(cross_attention, 'shape', ()))}"
         )
     attention = cross_attention.detach()
-    attention = attention.to(_float_dtype(attention))
+    attention = attention.to(compute_dtype(attention))
     if attention.ndim == 4:
         attention = attention.mean(dim=1)
     batch, num_queries, num_tokens = attention.shape
@@ -334,7 +344,7 @@ def attention_guided_feature_loss(
             + f", teacher {teacher_memory.shape[-1]}): QSKD needs an adapter φ mapping the student width to the "
             "teacher width (QSKDDistiller(student_dim=..., teacher_dim=...))"
         )
-    dtype = _float_dtype(projected)
+    dtype = compute_dtype(projected)
     weight = mask.detach().to(device=projected.device, dtype=dtype)
     keep = weight > 0
     difference = torch.where(keep[..., None], projected.to(dtype) - teacher_memory.detach().to(dtype), 0.0)
@@ -375,9 +385,10 @@ def _pair_cost(
     class_cost: float,
     bbox_cost: float,
     giou_cost: float,
+    validate: bool,
 ) -> torch.Tensor:
     """(B, Qs, Qt) DETR-style matching cost between student and teacher predictions (teacher as the target)."""
-    dtype = _float_dtype(student_boxes)
+    dtype = compute_dtype(student_boxes)
     student_prob = student_logits.detach().to(dtype).softmax(dim=-1)  # (B, Qs, C + 1)
     teacher_class = teacher_logits.detach().argmax(dim=-1)  # (B, Qt), over all C + 1 columns
     index = teacher_class[:, None, :].expand(-1, student_prob.shape[1], -1)
@@ -385,7 +396,7 @@ def _pair_cost(
     student = student_boxes.detach().to(dtype)
     teacher = teacher_boxes.detach().to(device=student.device, dtype=dtype)
     l1 = torch.cdist(student, teacher, p=1)
-    giou = pairwise_generalized_box_iou(center_to_corners(student), center_to_corners(teacher))
+    giou = pairwise_generalized_box_iou(center_to_corners(student), center_to_corners(teacher), validate=validate)
     return class_cost * class_term + bbox_cost * l1 - giou_cost * giou
 
 
@@ -401,6 +412,7 @@ def local_alignment_matching(
     class_cost: float = DETR_MATCHER_COSTS[0],
     bbox_cost: float = DETR_MATCHER_COSTS[1],
     giou_cost: float = DETR_MATCHER_COSTS[2],
+    validate: bool = True,
 ) -> LAPDPairs:
     """QSKD's local alignment: a bipartite match of teacher and student queries **inside each ground-truth group**.
 
@@ -411,7 +423,8 @@ def local_alignment_matching(
     never paired, and no global match is ever made. Implementation: one ``linear_sum_assignment`` per image on the
     selected queries, with every cross-group entry set to a constant large enough that the optimum pairs each group
     maximally and internally (this equals an independent Hungarian match per group, up to ties); cross-group pairs
-    the solver had to make are dropped.
+    the solver had to make are dropped. The assignment runs on the host (scipy, as DETR's matcher), so the call
+    copies the cost and the groups to the host once.
 
     Args:
         student_logits: (B, Qs, C + 1) student final-layer logits.
@@ -423,12 +436,13 @@ def local_alignment_matching(
         class_cost: Weight of the class term (project choice: the matcher's, DETR 1).
         bbox_cost: Weight of the L1 term (DETR 5).
         giou_cost: Weight of the GIoU term (DETR 2).
+        validate: Check that no box is degenerate (reads the boxes on the host).
 
     Returns:
         :class:`LAPDPairs` (``teacher_index`` -1 for unpaired student queries).
 
     Raises:
-        ValueError: On inconsistent shapes or bad costs.
+        ValueError: On inconsistent shapes, bad costs or (with ``validate``) degenerate boxes.
     """
     _check_predictions(student_logits, student_boxes, "student")
     _check_predictions(teacher_logits, teacher_boxes, "teacher")
@@ -442,21 +456,29 @@ def local_alignment_matching(
     _check_groups(teacher_groups, tuple(teacher_logits.shape[:2]), "teacher_groups")
     _check_costs(class_cost, bbox_cost, giou_cost)
 
-    device = student_logits.device
+    cost = _pair_cost(
+        student_logits, student_boxes, teacher_logits, teacher_boxes, class_cost, bbox_cost, giou_cost, validate
+    )
+    teacher_index = _assign_within_groups(cost, student_groups, teacher_groups)
+    return LAPDPairs(teacher_index=teacher_index.to(student_logits.device))
+
+
+def _assign_within_groups(
+    cost: torch.Tensor, student_groups: torch.Tensor, teacher_groups: torch.Tensor
+) -> torch.Tensor:
+    """(B, Qs) long on the host: the teacher query paired with each student query inside its group, -1 if none.
+
+    One ``linear_sum_assignment`` per image on the selected queries, with every cross-group entry set to a constant
+    large enough that the optimum pairs each group maximally and internally; cross-group pairs are dropped.
+    """
+    # The assignment is scipy's, on the host (as in DETR's matcher): the one device-to-host step of LAPD.
+    cost, student_groups, teacher_groups = cost.double().cpu(), student_groups.cpu(), teacher_groups.cpu()
+    batch, num_student = student_groups.shape
     teacher_index = torch.full((batch, num_student), -1, dtype=torch.long)
-    student_groups = student_groups.to(device)
-    teacher_groups = teacher_groups.to(device)
-    if not bool((student_groups >= 0).any() and (teacher_groups >= 0).any()):
-        return LAPDPairs(teacher_index=teacher_index.to(device))
-    cost = _pair_cost(student_logits, student_boxes, teacher_logits, teacher_boxes, class_cost, bbox_cost, giou_cost)
-    same_group = (student_groups[:, :, None] == teacher_groups[:, None, :]) & (student_groups[:, :, None] >= 0)
-    cost, same_group = cost.double().cpu(), same_group.cpu()
-    student_groups, teacher_groups = student_groups.cpu(), teacher_groups.cpu()
-    # One small assignment per image under no_grad, as DETR's matcher does.
-    for image in range(batch):
+    for image in range(batch):  # one small assignment per image, as DETR's matcher does
         rows = (student_groups[image] >= 0).nonzero().squeeze(1)
         cols = (teacher_groups[image] >= 0).nonzero().squeeze(1)
-        same = same_group[image][rows][:, cols]
+        same = student_groups[image, rows][:, None] == teacher_groups[image, cols][None, :]
         if not bool(same.any()):
             continue
         sub = cost[image][rows][:, cols]
@@ -469,7 +491,7 @@ def local_alignment_matching(
         row, col = torch.as_tensor(row, dtype=torch.long), torch.as_tensor(col, dtype=torch.long)
         keep = same[row, col]
         teacher_index[image, rows[row[keep]]] = cols[col[keep]]
-    return LAPDPairs(teacher_index=teacher_index.to(device))
+    return teacher_index
 
 
 def local_alignment_prediction_loss(
@@ -481,6 +503,7 @@ def local_alignment_prediction_loss(
     *,
     temperature: float = 1.0,
     logits_loss: str = "kl",
+    validate: bool = True,
 ) -> dict[str, torch.Tensor]:
     """QSKD's local alignment prediction distillation on the paired queries (unweighted terms).
 
@@ -507,18 +530,19 @@ def local_alignment_prediction_loss(
         teacher_index: (B, Qs) long, paired teacher query per student query, -1 = unpaired (:class:`LAPDPairs`).
         temperature: KL temperature T > 0 (project choice 1).
         logits_loss: ``"kl"`` or ``"bce"``.
+        validate: Check ``teacher_index`` against ``[-1, Qt)`` and the boxes for degenerate ones (reads them on the
+            host); ``False`` makes no host synchronisation.
 
     Returns:
         ``{"logits": ..., "l1": ..., "giou": ...}`` 0-dim tensors.
 
     Raises:
-        ValueError: On inconsistent shapes, an out-of-range index, a non-positive temperature or an unknown
-            ``logits_loss``.
+        ValueError: On inconsistent shapes, (with ``validate``) an out-of-range index or a degenerate box, a
+            non-positive temperature or an unknown ``logits_loss``.
     """
     if logits_loss not in _LOGITS_LOSSES:
         raise ValueError(f"logits_loss must be one of {_LOGITS_LOSSES}, got {logits_loss!r}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    check_positive(temperature, "temperature")
     if student_logits.ndim not in (3, 4) or student_boxes.ndim != student_logits.ndim:
         raise ValueError(
             "student_logits and student_boxes must both be (B, Qs, ·) or both (L, B, Qs, ·), got "
@@ -541,10 +565,10 @@ def local_alignment_prediction_loss(
     num_teacher = teacher_logits.shape[1]
     device = logits_s.device
     teacher_index = teacher_index.to(device)
-    if bool((teacher_index >= num_teacher).any()) or bool((teacher_index < -1).any()):
+    if validate and bool(((teacher_index >= num_teacher) | (teacher_index < -1)).any()):
         raise ValueError(f"teacher_index must lie in [-1, {num_teacher}), got values outside")
 
-    dtype = _float_dtype(boxes_s)
+    dtype = compute_dtype(boxes_s)
     paired = teacher_index >= 0  # (B, Qs)
     index = teacher_index.clamp_min(0)
     partner_logits = torch.gather(
@@ -565,7 +589,9 @@ def local_alignment_prediction_loss(
         target = partner_logits[..., :-1].sigmoid().expand_as(logits_s[..., :-1])
         class_term = F.binary_cross_entropy_with_logits(logits_s[..., :-1], target, reduction="none").sum(-1)
     l1_term = (boxes_s - partner_boxes).abs().sum(-1)
-    giou_term = 1.0 - elementwise_generalized_box_iou(center_to_corners(boxes_s), center_to_corners(partner_boxes))
+    giou_term = 1.0 - elementwise_generalized_box_iou(
+        center_to_corners(boxes_s), center_to_corners(partner_boxes), validate=validate
+    )
 
     weight = paired.to(dtype)[None]  # (1, B, Qs)
     normaliser = num_layers * paired.sum().to(dtype).clamp_min(1.0)
@@ -613,6 +639,11 @@ class QSKDDistiller(Distiller):
     ``loss_qskd_giou``; statistics: ``qskd_positives`` / ``qskd_hard_negatives`` (student, whole batch),
     ``qskd_teacher_positives`` / ``qskd_teacher_hard_negatives``, ``qskd_pairs`` and ``qskd_mask_mean`` (mean of M over
     real tokens).
+
+    Host synchronisation in ``forward``: only the two Hungarian assignments, which run on the host as in DETR's own
+    loss (transformers' ``HungarianMatcher`` for GQS, :func:`local_alignment_matching`'s scipy solver for LAPD). The
+    labels and boxes are not re-validated there (``validate=False``): the trainer has run DETR's loss on the same
+    batch, whose matcher raises on degenerate boxes. Call the module functions for checked inputs.
 
     The paper publishes neither code nor constants, so **every value below is a project choice** except where noted:
     ``tau = 0.5`` (the reference notes suggest sweeping 0.3 / 0.5 / 0.7), ``top_k = None``, the attention layer
@@ -692,16 +723,15 @@ class QSKDDistiller(Distiller):
             ("pair_giou_cost", pair_giou_cost),
         ):
             if value is not None:
-                _check_weight(value, name)
+                check_non_negative(value, name)
         for name, value in (
             ("feature_weight", feature_weight),
             ("logits_weight", logits_weight),
             ("boxes_weight", boxes_weight),
             ("giou_weight", giou_weight),
         ):
-            _check_weight(value, name)
-        if not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"QSKD temperature must be a finite number > 0, got {temperature!r}.")
+            check_non_negative(value, name)
+        check_positive(temperature, "QSKD temperature")
         if logits_loss not in _LOGITS_LOSSES:
             raise ValueError(f"QSKD logits_loss must be one of {_LOGITS_LOSSES}, got {logits_loss!r}.")
         if attention_reduction not in _ATTENTION_REDUCTIONS:
@@ -731,8 +761,11 @@ class QSKDDistiller(Distiller):
         if student_dim is not None and teacher_dim is not None and student_dim != teacher_dim:
             self.adapter = nn.Linear(student_dim, teacher_dim)
 
-    def select(self, outputs: DetectorOutputs, labels: Sequence[Mapping[str, torch.Tensor]]) -> GQSResult:
-        """Group Query Selection on one model's final predictions, with this distiller's settings."""
+    def select(
+        self, outputs: DetectorOutputs, labels: Sequence[Mapping[str, torch.Tensor]], validate: bool = False
+    ) -> GQSResult:
+        """Group Query Selection on one model's final predictions, with this distiller's settings (by default without
+        re-validating the labels: see the class docstring)."""
         return group_query_selection(
             outputs.logits,
             outputs.pred_boxes,
@@ -740,6 +773,7 @@ class QSKDDistiller(Distiller):
             **_matcher_costs(outputs.model, self.matcher_costs),
             tau=self.tau,
             top_k=self.top_k,
+            validate=validate,
         )
 
     def foreground_mask(self, teacher: DetectorOutputs, selection: GQSResult) -> torch.Tensor:
@@ -790,6 +824,7 @@ class QSKDDistiller(Distiller):
             teacher.pred_boxes,
             teacher_selection.group,
             **pair_costs,
+            validate=False,
         )
         student_logits, student_boxes = self._student_layers(student)
         terms = local_alignment_prediction_loss(
@@ -800,6 +835,7 @@ class QSKDDistiller(Distiller):
             pairs.teacher_index,
             temperature=self.temperature,
             logits_loss=self.logits_loss,
+            validate=False,
         )
         token_mask = _token_mask(teacher, mask.shape[-1])
         real_tokens = mask.numel() if token_mask is None else token_mask.sum()
