@@ -461,8 +461,14 @@ def visualize(model, dataset, collator, path: Path, count: int, threshold: float
     outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
     sizes = torch.tensor([[ex["image"].height, ex["image"].width] for ex in examples])
     detections = post_process_detections(outputs.logits.float().cpu(), outputs.pred_boxes.float().cpu(), sizes)
+    truth = [ex["annotations"] for ex in examples] if all("annotations" in ex for ex in examples) else None
     return save_detection_grid(
-        [ex["image"] for ex in examples], detections, model.config.id2label, path, threshold=threshold
+        [ex["image"] for ex in examples],
+        detections,
+        model.config.id2label,
+        path,
+        threshold=threshold,
+        ground_truth=truth,
     )
 
 

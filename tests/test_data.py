@@ -27,6 +27,7 @@ from qdetr_hf.data import (
     VocDetectionDataset,
     default_image_processor,
     export_coco,
+    hflip_example,
     load_detection_dataset,
     scaled_coco_area_ranges,
     to_hf_dataset,
@@ -620,6 +621,18 @@ def test_collator_horizontal_flip() -> None:
         DetrCollator(processor, flip_prob=1.5)
     with pytest.raises(ValueError, match="empty batch"):
         DetrCollator(processor)([])
+
+
+def test_hflip_example_mirrors_the_image_and_a_known_box() -> None:
+    pixels = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    ann = {"bbox": [1.0, 0.5, 2.5, 3.0], "category_id": 2, "area": 7.5, "iscrowd": 1}
+    example = {"image": Image.fromarray(pixels), "image_id": 5, "annotations": [ann]}
+    flipped = hflip_example(example)
+    np.testing.assert_array_equal(_pixels(flipped["image"]), pixels[:, ::-1])
+    # x -> W - x - w = 6 - 1 - 2.5; everything else kept.
+    assert flipped["annotations"] == [{"bbox": [2.5, 0.5, 2.5, 3.0], "category_id": 2, "area": 7.5, "iscrowd": 1}]
+    assert flipped["image_id"] == 5 and example["annotations"][0]["bbox"] == [1.0, 0.5, 2.5, 3.0]
+    assert hflip_example({**example, "annotations": []})["annotations"] == []
 
 
 @needs_bccd
