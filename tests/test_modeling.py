@@ -296,7 +296,7 @@ def test_auto_classes_are_registered(tmp_path, images):
         "AutoConfig": "configuration_qdetr.QDetrConfig",
         "AutoModelForObjectDetection": "modeling_qdetr.QDetrForObjectDetection",
     }
-    for name in ("configuration_qdetr.py", "modeling_qdetr.py", "quantization.py"):
+    for name in ("configuration_qdetr.py", "modeling_qdetr.py", "quantization.py", "transformers_compat.py"):
         assert (tmp_path / name).is_file(), name
     assert isinstance(AutoModelForObjectDetection.from_pretrained(tmp_path), QDetrForObjectDetection)
 
@@ -384,9 +384,9 @@ def test_a_non_detr_checkpoint_is_refused_naming_its_type(tmp_path, other):
 
 
 def test_a_missing_local_folder_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Model folder not found: .*no-such-run"):
+    with pytest.raises(FileNotFoundError, match=r"Model folder not found: .*no-such-run"):
         QDetrForObjectDetection.from_pretrained(tmp_path / "no-such-run")
-    with pytest.raises(FileNotFoundError, match="not found: ./runs/typo"):
+    with pytest.raises(FileNotFoundError, match=r"not found: \./runs/typo"):
         QDetrForObjectDetection.from_pretrained("./runs/typo")
 
 

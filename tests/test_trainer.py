@@ -18,7 +18,6 @@ from qdetr_hf import QDetrForObjectDetection, calibrate
 from qdetr_hf.data import SyntheticShapesDataset
 from qdetr_hf.distillers import DRDDistiller
 from qdetr_hf.trainer import (
-    STAGING_DIR,
     QDetrDistillationTrainer,
     QDetrTrainingArguments,
     TimeLimitCallback,
@@ -26,6 +25,7 @@ from qdetr_hf.trainer import (
     configure_cpu_threads,
     load_teacher,
 )
+from qdetr_hf.transformers_compat import STAGING_DIR
 
 
 def make_args(tmp_path, **overrides) -> QDetrTrainingArguments:

@@ -24,16 +24,25 @@ from .packing import pack_state_dict, register_packed_buffers, unpack_layer
 from .quantization import (
     DistributionAlignment,
     LSQActivationQuantizer,
+    LSQWeightQuantizer,
     QuantAttention,
     QuantConv2d,
     QuantLinear,
     is_calibrated,
     quantized_layers,
 )
+from .transformers_compat import FixedAttentionImplementation
 
 logger = logging.get_logger(__name__)
 
-BIT_FIELDS = ("weight_bits", "activation_bits", "attention_bits", "first_conv_bits", "backbone_residual_bits")
+BIT_FIELDS = (
+    "weight_bits",
+    "activation_bits",
+    "attention_bits",
+    "first_conv_bits",
+    "backbone_residual_bits",
+    "layer_weight_bits",
+)
 """Config fields that set bit widths: a trained Q-DETR checkpoint cannot be loaded with other values."""
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 """`from_pretrained` keyword arguments that locate the checkpoint (passed on when reading its config)."""
@@ -68,7 +77,7 @@ AttentionInterface.register(QDETR_ATTENTION, qdetr_attention_forward)
 AttentionMaskInterface.register(QDETR_ATTENTION, eager_mask)
 
 
-class QDetrForObjectDetection(DetrForObjectDetection):
+class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetection):
     r"""DETR with low-bit LSQ-quantized layers, as in Q-DETR (Xu et al., CVPR 2023).
 
     Same forward signature and outputs as [`transformers.DetrForObjectDetection`]. Built from a [`QDetrConfig`], it
@@ -96,6 +105,7 @@ class QDetrForObjectDetection(DetrForObjectDetection):
 
     config_class = QDetrConfig
     config: QDetrConfig
+    attention_function = QDETR_ATTENTION  # FixedAttentionImplementation: quantized attention needs its probabilities
     # Quantizer tensors are expected to be missing when converting a real-valued DETR checkpoint: they are
     # initialised explicitly in `initialize_weights` rather than reported as missing weights.
     _keys_to_ignore_on_load_missing = [r"_quantizer\.", r"\.alignment\.(weight|bias|calibrated)$"]
@@ -146,17 +156,6 @@ class QDetrForObjectDetection(DetrForObjectDetection):
                 "the real-valued checkpoint at the new widths."
             )
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-
-    def _check_and_adjust_attn_implementation(
-        self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
-    ) -> str:
-        # Quantized attention needs explicit softmax probabilities, so it always runs through "qdetr".
-        if attn_implementation not in (None, QDETR_ATTENTION, "eager", "sdpa"):
-            logger.warning(
-                f"QDetrForObjectDetection ignores attn_implementation={attn_implementation!r}: quantized attention "
-                f"runs through the '{QDETR_ATTENTION}' attention function."
-            )
-        return QDETR_ATTENTION
 
     def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False) -> None:
         """Kept for API compatibility; Q-DETR always uses its own ``"qdetr"`` attention function."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -15,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 from torch import nn
 from transformers import AutoModelForObjectDetection, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
 from .distillers.base import (
@@ -33,12 +31,9 @@ from .distillers.base import (
 from .hub_utils import check_local_path
 from .metrics import detection_gather_for_metrics, make_compute_metrics
 from .quantization import activation_quantizers, calibrate, is_calibrated
+from .transformers_compat import DistillationTrainerOverrides
 
 logger = logging.get_logger(__name__)
-
-STAGING_DIR = "_staging"
-"""Sub-folder of ``output_dir`` where checkpoints are written before being renamed into place (atomic save). Its
-leading underscore keeps it out of ``Trainer.push_to_hub`` uploads."""
 
 DISTILLER_STATE_NAME = "distiller.pt"
 """File in a checkpoint folder holding the distiller's own parameters (e.g. IDa-Det's learned variance)."""
@@ -368,7 +363,7 @@ def load_teacher(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedMo
     return AutoModelForObjectDetection.from_pretrained(name_or_path, **kwargs)
 
 
-class QDetrDistillationTrainer(Trainer):
+class QDetrDistillationTrainer(DistillationTrainerOverrides, Trainer):
     """`Trainer` for a (quantized) DETR student with an optional distillation loss from a frozen teacher.
 
     Training loss: ``L = L_GT + sum(distiller terms)``, where ``L_GT`` is the detector's own Hungarian loss and the
@@ -598,28 +593,6 @@ class QDetrDistillationTrainer(Trainer):
                 "or leave `optimizers` unset so the trainer creates the optimizer (no weight decay on the distiller)."
             )
 
-    def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor | float | None:
-        """Clip the gradients of the model *and* the distiller's parameters together (one norm over both)."""
-        distiller_params = self._distiller_parameters()
-        if not distiller_params or not self._plain_gradient_layout(model):
-            return super()._clip_grad_norm(model)
-        return self.accelerator.clip_grad_norm_([*model.parameters(), *distiller_params], self.args.max_grad_norm)
-
-    def _get_grad_norm(self, model: nn.Module, grad_norm: torch.Tensor | float | None = None):
-        """The logged ``grad_norm``: over the model's and the distiller's gradients (see :meth:`_clip_grad_norm`)."""
-        distiller_params = self._distiller_parameters()
-        if grad_norm is None and distiller_params and self._plain_gradient_layout(model):
-            grad_norm = self.accelerator.clip_grad_norm_([*model.parameters(), *distiller_params], float("inf"))
-        return super()._get_grad_norm(model, grad_norm=grad_norm)
-
-    def _plain_gradient_layout(self, model: nn.Module) -> bool:
-        """Whether the gradients are ordinary tensors that one ``clip_grad_norm_`` call spans (not FSDP, DeepSpeed or
-        mixed device meshes, whose own clipping paths the stock `Trainer` keeps, over the model's parameters only)."""
-        return self.accelerator.distributed_type not in (
-            DistributedType.FSDP,
-            DistributedType.DEEPSPEED,
-        ) and not self._has_mixed_mesh_grads(model)
-
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         # The distiller is not wrapped by DDP: average its gradients across processes by hand.
@@ -628,16 +601,6 @@ class QDetrDistillationTrainer(Trainer):
             for param in params:
                 param.grad = self.accelerator.reduce(param.grad, reduction="mean")
         return loss
-
-    def _load_best_model(self) -> None:
-        checkpoint = self.state.best_model_checkpoint
-        if isinstance(self.accelerator.unwrap_model(self.model), PreTrainedModel) and os.path.isfile(
-            os.path.join(checkpoint, "config.json")
-        ):
-            logger.info(f"Loading best model from {checkpoint} (score: {self.state.best_metric}).")
-            self._load_model_weights(checkpoint)
-        else:
-            super()._load_best_model()
 
     def _save_distiller(self, output_dir: str) -> None:
         if self._distiller_parameters() and self.args.should_save:
@@ -660,13 +623,8 @@ class QDetrDistillationTrainer(Trainer):
                 f"{result.unexpected_keys[:5]}."
             )
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if isinstance(target, PreTrainedModel) and os.path.isfile(os.path.join(resume_from_checkpoint, "config.json")):
-            self._load_model_weights(resume_from_checkpoint, model)
-        else:
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, DISTILLER_STATE_NAME)
+    def _load_distiller(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, DISTILLER_STATE_NAME)
         if self.distiller is not None and os.path.isfile(path):
             self.distiller.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
 
@@ -705,47 +663,6 @@ class QDetrDistillationTrainer(Trainer):
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         self.gather_function = detection_gather_for_metrics(self.accelerator)
         return super().evaluation_loop(*args, **kwargs)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Atomic checkpoints
-    # ------------------------------------------------------------------------------------------------------------
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        run_dir = self._get_output_dir(trial=trial)
-        staging_root = os.path.join(run_dir, STAGING_DIR)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
-        if self.args.should_save and os.path.exists(staged):
-            shutil.rmtree(staged)  # left over from an interrupted save
-        self.accelerator.wait_for_everyone()
-        # Trainer._save_checkpoint writes to `_get_output_dir() / checkpoint-N`: point it at the staging folder.
-        self._get_output_dir = lambda trial=None: staging_root  # type: ignore[method-assign]
-        # A checkpoint keeps the float latent weights so that a resumed run continues exactly; only the final model
-        # (save_model / push_to_hub) is written packed.
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        packs = getattr(unwrapped, "pack_weights_on_save", True)
-        unwrapped.pack_weights_on_save = False
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-            unwrapped.pack_weights_on_save = packs
-        self._save_distiller(staged)
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(staged, final)
-            with contextlib.suppress(OSError):
-                os.rmdir(staging_root)  # only if empty
-            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == Path(staging_root):
-                self.state.best_model_checkpoint = os.path.join(run_dir, Path(self.state.best_model_checkpoint).name)
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
-        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------------------------
     # Model card
