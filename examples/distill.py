@@ -47,7 +47,10 @@ from qdetr_hf.distillers.base import check_label_spaces
 from qdetr_hf.efficiency import efficiency_report
 from qdetr_hf.hub_utils import public_name
 from qdetr_hf.metrics import make_compute_metrics, post_process_detections
+from qdetr_hf.mixed_precision import average_weight_bits, choose_bit_widths, layer_sensitivity
 from qdetr_hf.model_card import ModelCardData
+from qdetr_hf.oscillation import OscillationDampening, OscillationTracker, layer_group
+from qdetr_hf.quantization import quantized_layers
 from qdetr_hf.trainer import (
     QDetrDistillationTrainer,
     QDetrTrainingArguments,
@@ -125,6 +128,65 @@ class ModelArguments:
     stage1_fraction: float = field(
         default=0.5, metadata={"help": "Share of max_steps spent in stage 1 with --two_stage (project choice)."}
     )
+
+
+@dataclass
+class LowBitArguments:
+    """Remedies for students below 4 bits: a progressive schedule, oscillation handling, mixed precision."""
+
+    progressive_from_bits: int | None = field(
+        default=None,
+        metadata={
+            "help": "Progressive schedule: train first at these weight and activation bits, then re-quantize to "
+            "--weight_bits/--activation_bits and continue (e.g. 4 for a 2-bit student)."
+        },
+    )
+    progressive_fraction: float = field(
+        default=0.5, metadata={"help": "Share of the steps (and of the time limit) spent at --progressive_from_bits."}
+    )
+    oscillation_dampening: float = field(
+        default=0.0,
+        metadata={"help": "Weight of Nagel et al.'s oscillation dampening loss (0: off)."},
+    )
+    oscillation_freeze_threshold: float | None = field(
+        default=None,
+        metadata={"help": "Freeze weights whose oscillation frequency (EMA) passes this (Nagel et al.: 0.01-0.04)."},
+    )
+    target_size_mb: float | None = field(
+        default=None,
+        metadata={
+            "help": "Mixed precision: per-layer weight bits chosen from each layer's measured sensitivity so the model "
+            "(paper-convention size, as the table's 'size MB') fits this many MB."
+        },
+    )
+    target_average_weight_bits: float | None = field(
+        default=None, metadata={"help": "Mixed precision for an average weight width instead of a size."}
+    )
+    mixed_precision_candidates: list[int] = field(
+        default_factory=lambda: [2, 3, 4], metadata={"help": "Weight widths mixed precision chooses from."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.progressive_from_bits is not None and not 2 <= self.progressive_from_bits <= 8:
+            raise ValueError(f"--progressive_from_bits must be between 2 and 8, got {self.progressive_from_bits}.")
+        if not 0 < self.progressive_fraction < 1:
+            raise ValueError(f"--progressive_fraction must be in (0, 1), got {self.progressive_fraction}.")
+        if self.oscillation_dampening < 0:
+            raise ValueError(f"--oscillation_dampening must be >= 0, got {self.oscillation_dampening}.")
+        if self.oscillation_freeze_threshold is not None and not 0 < self.oscillation_freeze_threshold < 1:
+            raise ValueError(
+                f"--oscillation_freeze_threshold must be in (0, 1), got {self.oscillation_freeze_threshold}."
+            )
+        if self.target_size_mb is not None and self.target_average_weight_bits is not None:
+            raise ValueError("Give at most one of --target_size_mb and --target_average_weight_bits.")
+        if not self.mixed_precision_candidates or not all(2 <= b <= 8 for b in self.mixed_precision_candidates):
+            raise ValueError(
+                f"--mixed_precision_candidates must be bit widths in [2, 8], got {self.mixed_precision_candidates}."
+            )
+
+    @property
+    def mixed_precision(self) -> bool:
+        return self.target_size_mb is not None or self.target_average_weight_bits is not None
 
 
 @dataclass
@@ -454,6 +516,7 @@ def evaluate_model(model, training_args, eval_dataset, collator, processor) -> d
 
 @torch.no_grad()
 def visualize(model, dataset, collator, path: Path, count: int, threshold: float) -> Path:
+    """Save a PNG grid of ``model``'s detections on the first ``count`` examples, each beside its ground truth."""
     examples = [dataset[i] for i in range(min(count, len(dataset)))]
     batch = collator(examples)
     device = next(model.parameters()).device
@@ -483,25 +546,65 @@ def train_student(
     collator,
     processor,
     checkpoint: str | None = None,
+    low_bit: LowBitArguments | None = None,
 ) -> QDetrDistillationTrainer:
+    low_bit = low_bit or LowBitArguments()
+    distiller = build_distiller(distill_args, student.config.d_model, teacher.config.d_model)
+    if low_bit.oscillation_dampening > 0:
+        dampening = OscillationDampening(low_bit.oscillation_dampening)
+        distiller = dampening if distiller is None else CombinedDistiller([distiller, dampening])
     trainer = QDetrDistillationTrainer(
         model=student,
         args=training_args,
         teacher_model=teacher,
-        distiller=build_distiller(distill_args, student.config.d_model, teacher.config.d_model),
+        distiller=distiller,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=processor,
         compute_metrics=coco_metrics_for(student, eval_dataset),
     )
+    trainer.oscillation = OscillationTracker(student, freeze_threshold=low_bit.oscillation_freeze_threshold)
+    trainer.add_callback(trainer.oscillation)
     if checkpoint:
         logger.info(f"Resuming from {checkpoint}")
     trainer.train(resume_from_checkpoint=checkpoint)
     return trainer
 
 
-def run_settings(model_args, distill_args, data_args) -> dict[str, Any]:
+def choose_layer_bits(student_init, student_kwargs, low_bit, calibration_loader, image_size) -> dict[str, int]:
+    """Per-layer weight bits for --target_size_mb / --target_average_weight_bits, from each layer's measured
+    sensitivity on two calibration batches (the 8-bit first convolution keeps its width)."""
+    probe = QDetrForObjectDetection.from_pretrained(student_init, **student_kwargs)
+    names = list(quantized_layers(probe))[1:] if probe.config.quantize_backbone else None
+    sensitivities = layer_sensitivity(probe, calibration_loader, low_bit.mixed_precision_candidates, show_progress=True)
+    bits = choose_bit_widths(
+        probe,
+        None,
+        target_size_mb=low_bit.target_size_mb,
+        target_average_bits=low_bit.target_average_weight_bits,
+        image_size=image_size,
+        sensitivities=sensitivities,
+        layers=names,
+    )
+    logger.info(
+        f"Mixed precision: average weight width {average_weight_bits(bits, probe):.2f} bits over {len(bits)} layers"
+    )
+    return bits
+
+
+def step_change(calibrated: dict[str, torch.Tensor], model) -> dict[str, float]:
+    """Per layer group, the median relative change of the per-channel weight steps from calibration to the end of
+    training (how far training moved the quantization grids)."""
+    changes: dict[str, list[torch.Tensor]] = {}
+    for name, layer in quantized_layers(model).items():
+        if name in calibrated and calibrated[name].shape == layer.weight_quantizer.step.shape:
+            ratio = layer.weight_quantizer.step.detach().cpu() / calibrated[name].cpu()
+            changes.setdefault(layer_group(name), []).append((ratio - 1).abs().flatten())
+    return {group: float(torch.cat(values).median()) for group, values in changes.items()}
+
+
+def run_settings(model_args, distill_args, data_args, low_bit_args=None) -> dict[str, Any]:
     """What defines the trained student (model, bits, method, data): a run in an output folder resumes only under
     the same settings (see ``prepare_output_dir``); budgets such as --max_steps may change."""
     data = {k: getattr(data_args, k) for k in ("dataset_name", "dataset_format", "train_split", "image_size")}
@@ -509,31 +612,58 @@ def run_settings(model_args, distill_args, data_args) -> dict[str, Any]:
         data["num_train_images"] = data_args.num_train_images
     return {
         **{f"model.{k}": v for k, v in asdict(model_args).items()},
+        **{f"low_bit.{k}": v for k, v in asdict(low_bit_args or LowBitArguments()).items()},
         **{f"distillation.{k}": v for k, v in asdict(distill_args).items()},
         **{f"data.{k}": v for k, v in data.items()},
     }
 
 
-def stage1_arguments(training_args: QDetrTrainingArguments, model_args) -> QDetrTrainingArguments:
-    """Training arguments of Q-DETR's first stage (backbone-only quantization) in ``output_dir/_stage1``: its share
-    of the steps, never pushed to the Hub (the final model is), no best-model selection of its own."""
+def first_stage_arguments(
+    training_args: QDetrTrainingArguments, fraction: float, folder: str = "_stage1"
+) -> QDetrTrainingArguments:
+    """Training arguments of a first stage (Q-DETR's backbone-only stage, or the higher-bit stage of a progressive
+    schedule) in ``output_dir/<folder>``: its share of the steps and of the time limit, never pushed to the Hub (the
+    final model is)."""
+    minutes = training_args.max_train_minutes
     return replace(
         training_args,
-        output_dir=str(Path(training_args.output_dir) / "_stage1"),
-        max_steps=max(1, math.ceil(training_args.max_steps * model_args.stage1_fraction)),
+        output_dir=str(Path(training_args.output_dir) / folder),
+        max_steps=max(1, math.ceil(training_args.max_steps * fraction)),
+        max_train_minutes=None if minutes is None else minutes * fraction,
         push_to_hub=False,
         resume_from_checkpoint=None,
     )
 
 
+def run_first_stage(stage_args, training_args, train, **kwargs) -> QDetrDistillationTrainer:
+    """Train a first stage (resuming its own last checkpoint), then give the final stage the remaining steps and the
+    remaining time limit."""
+    stage_dir = Path(stage_args.output_dir)
+    stage_checkpoint = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
+    started = time.monotonic()
+    trainer = train(training_args=stage_args, checkpoint=stage_checkpoint, **kwargs)
+    training_args.max_steps = max(1, training_args.max_steps - stage_args.max_steps)
+    if training_args.max_train_minutes is not None:  # the stages share the time limit
+        used = (time.monotonic() - started) / 60
+        training_args.max_train_minutes = max(training_args.max_train_minutes - used, 1e-6)
+    return trainer
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = HfArgumentParser(
-        (ModelArguments, DistillationArguments, DataArguments, DeployArguments, QDetrTrainingArguments),
+        (
+            ModelArguments,
+            LowBitArguments,
+            DistillationArguments,
+            DataArguments,
+            DeployArguments,
+            QDetrTrainingArguments,
+        ),
         description=__doc__.split("\n\n")[0],
         epilog=TUNED_DEFAULTS_NOTE,
     )
     user_argv = sys.argv[1:] if argv is None else list(argv)
-    model_args, distill_args, data_args, deploy_args, training_args = parser.parse_args_into_dataclasses(
+    model_args, low_bit_args, distill_args, data_args, deploy_args, training_args = parser.parse_args_into_dataclasses(
         MAIN_JOB_DEFAULTS + aligned_evaluation(user_argv) + user_argv
     )
     training_args.max_train_minutes = run_time_limit(user_argv, training_args.max_train_minutes)
@@ -544,6 +674,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         distillation_methods(distill_args.distillation)
     except ValueError as error:
         parser.error(str(error))
+    if model_args.two_stage and low_bit_args.progressive_from_bits is not None:
+        parser.error("--two_stage and --progressive_from_bits are both first stages: choose one.")
     set_seed(training_args.seed)
     threads = configure_cpu_threads(training_args)
     logger.info(f"PyTorch uses {threads} CPU thread(s) per process")
@@ -552,7 +684,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with training_args.main_process_first(desc="output folder"):
         checkpoint = prepare_output_dir(
             output_dir,
-            run_settings(model_args, distill_args, data_args),
+            run_settings(model_args, distill_args, data_args, low_bit_args),
             overwrite=training_args.overwrite_output_dir,
             resume_from_checkpoint=training_args.resume_from_checkpoint,
             write=training_args.should_save,
@@ -584,45 +716,64 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: dict[str, dict[str, float]] = {}
     teacher_metrics = evaluate_model(teacher, eval_args, eval_dataset, eval_collator, processor)
 
-    final_stage = 2 if model_args.two_stage else None
-    if model_args.two_stage:
-        stage1_args = stage1_arguments(training_args, model_args)  # in _stage1: not uploaded by --push_to_hub
-        stage1_dir = Path(stage1_args.output_dir)
-        training_args.max_steps = max(1, training_args.max_steps - stage1_args.max_steps)
-        stage1 = QDetrForObjectDetection.from_pretrained(student_init, **quantization_kwargs(model_args, stage=1))
-        logger.info(f"Stage 1: backbone-only quantization for {stage1_args.max_steps} steps")
-        stage1_started = time.monotonic()
-        stage1_checkpoint = get_last_checkpoint(str(stage1_dir)) if stage1_dir.is_dir() else None
-        stage1_trainer = train_student(
-            model_args,
-            distill_args,
-            stage1_args,
-            stage1,
-            teacher,
-            train_dataset,
-            eval_dataset,
-            collator,
-            processor,
-            stage1_checkpoint,
-        )
-        if training_args.max_train_minutes is not None:  # both stages share the time limit
-            used = (time.monotonic() - stage1_started) / 60
-            training_args.max_train_minutes = max(training_args.max_train_minutes - used, 1e-6)
-        # Float latent weights (not packed): stage 2 continues from exactly what stage 1 trained.
-        stage1_trainer.model.save_pretrained(str(stage1_dir), pack_weights=False)
-        processor.save_pretrained(str(stage1_dir))
-        student_init = str(stage1_dir)
-        logger.info(f"Stage 2: full quantization for {training_args.max_steps} steps")
-
-    student = QDetrForObjectDetection.from_pretrained(student_init, **quantization_kwargs(model_args, final_stage))
-    # Calibrate now (same batches on every process) to measure the untrained student; a resumed run then loads its
-    # checkpoint's quantizers over these.
     calibration_loader = DataLoader(
         train_dataset, batch_size=training_args.per_device_train_batch_size, collate_fn=eval_collator
     )
+    stage_kwargs = {
+        "model_args": model_args,
+        "distill_args": distill_args,
+        "teacher": teacher,
+        "train_dataset": train_dataset,
+        "eval_dataset": eval_dataset,
+        "collator": collator,
+        "processor": processor,
+        "low_bit": low_bit_args,
+    }
+    final_stage = 2 if model_args.two_stage else None
+    student_kwargs = quantization_kwargs(model_args, final_stage)
+    if low_bit_args.mixed_precision:
+        student_kwargs["layer_weight_bits"] = choose_layer_bits(
+            student_init, student_kwargs, low_bit_args, calibration_loader, image_size
+        )
+    student = None
+    if model_args.two_stage:
+        stage1_args = first_stage_arguments(training_args, model_args.stage1_fraction)
+        stage1 = QDetrForObjectDetection.from_pretrained(student_init, **quantization_kwargs(model_args, stage=1))
+        logger.info(f"Stage 1: backbone-only quantization for {stage1_args.max_steps} steps")
+        stage1_trainer = run_first_stage(stage1_args, training_args, train_student, student=stage1, **stage_kwargs)
+        # Float latent weights (not packed): stage 2 continues from exactly what stage 1 trained.
+        stage1_trainer.model.save_pretrained(stage1_args.output_dir, pack_weights=False)
+        processor.save_pretrained(stage1_args.output_dir)
+        student_init = stage1_args.output_dir
+        logger.info(f"Stage 2: full quantization for {training_args.max_steps} steps")
+    elif low_bit_args.progressive_from_bits is not None:
+        warm_bits = low_bit_args.progressive_from_bits
+        warm_args = first_stage_arguments(training_args, low_bit_args.progressive_fraction, "_progressive")
+        warm_kwargs = {
+            **student_kwargs,
+            "weight_bits": warm_bits,
+            "activation_bits": warm_bits,
+            "layer_weight_bits": None,
+        }
+        warm = QDetrForObjectDetection.from_pretrained(student_init, **warm_kwargs)
+        logger.info(f"Progressive schedule: {warm_bits}-bit weights and activations for {warm_args.max_steps} steps")
+        student = run_first_stage(warm_args, training_args, train_student, student=warm, **stage_kwargs).model
+        changed = student.requantize(
+            weight_bits=model_args.weight_bits,
+            activation_bits=model_args.activation_bits,
+            layer_weight_bits=student_kwargs.get("layer_weight_bits"),
+        )
+        logger.info(f"Re-quantized {len(changed)} quantizers for the final {training_args.max_steps} steps")
+    if student is None:
+        student = QDetrForObjectDetection.from_pretrained(student_init, **student_kwargs)
+    # Calibrate now (same batches on every process) to measure the untrained student; a resumed run then loads its
+    # checkpoint's quantizers over these.
     student.to(training_args.device)  # calibrate where the student trains (a GPU job calibrates on the GPU)
     calibrate(student, calibration_loader, max_batches=training_args.calibration_batches, only_uncalibrated=True)
     untrained_metrics = evaluate_model(student, eval_args, eval_dataset, eval_collator, processor)
+    calibrated_steps = {
+        n: layer.weight_quantizer.step.detach().clone() for n, layer in quantized_layers(student).items()
+    }
     if untrained_metrics["AP"] >= teacher_metrics["AP"] - 0.005:
         logger.warning(
             f"The calibrated, untrained student already scores {100 * untrained_metrics['AP']:.1f} AP against the "
@@ -630,18 +781,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "worse. Consider a stronger teacher, or --distillation none."
         )
 
-    trainer = train_student(
-        model_args,
-        distill_args,
-        training_args,
-        student,
-        teacher,
-        train_dataset,
-        eval_dataset,
-        collator,
-        processor,
-        checkpoint,
-    )
+    trainer = train_student(training_args=training_args, student=student, checkpoint=checkpoint, **stage_kwargs)
     student_metrics = evaluate_model(trainer.model, eval_args, eval_dataset, eval_collator, processor)
     below_start = student_metrics["AP"] < untrained_metrics["AP"]
     if below_start:
@@ -658,6 +798,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     method = method_name(distill_args.distillation)
     if distill_args.distillation == "drd" and model_args.distribution_alignment == "none":
         method = "DRD distillation without DA"
+    if low_bit_args.oscillation_dampening > 0:
+        method += " + oscillation dampening"
+    if low_bit_args.oscillation_freeze_threshold is not None:
+        method += " + oscillation freezing"
+    if low_bit_args.progressive_from_bits is not None:
+        method += f", progressive from {low_bit_args.progressive_from_bits} bits"
     student_row = f"student {bits}, {distill_args.distillation}" + (" (below start)" if below_start else "")
     for name, metrics, eff in [
         ("teacher (fp32)", teacher_metrics, teacher_eff),
@@ -710,8 +856,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "distillation": asdict(distill_args),
             "data": {**asdict(data_args), "dataset_name": public_name(data_args.dataset_name)},
             "deploy": asdict(deploy_args),
+            "low_bit": asdict(low_bit_args),
         },
         "below_calibrated_start": below_start,
+        "oscillation": trainer.oscillation.summary(),
+        "weight_step_change": step_change(calibrated_steps, trainer.model),
+        "layer_weight_bits": trainer.model.config.layer_weight_bits,
+        "average_weight_bits": average_weight_bits({}, trainer.model),
         "best_checkpoint": public_name(trainer.state.best_model_checkpoint),
     }
     if trainer.is_world_process_zero():

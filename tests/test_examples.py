@@ -228,9 +228,9 @@ def test_two_stage_schedule(tmp_path, tiny_teacher_dir, distill, monkeypatch):
     starts, finals = [], []
     train_student = distill.train_student
 
-    def recording(model_args, distill_args, training_args, student, *rest):
-        starts.append({k: v.clone() for k, v in student.state_dict().items()})
-        trainer = train_student(model_args, distill_args, training_args, student, *rest)
+    def recording(**kwargs):
+        starts.append({k: v.clone() for k, v in kwargs["student"].state_dict().items()})
+        trainer = train_student(**kwargs)
         finals.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
         return trainer
 
@@ -256,8 +256,7 @@ def test_stage_one_never_pushes_to_the_hub(distill):
     args = distill.QDetrTrainingArguments(
         output_dir="runs/x", max_steps=10, push_to_hub=True, hub_model_id="me/qdetr", hub_token="secret"
     )
-    model_args = distill.ModelArguments(two_stage=True, stage1_fraction=0.3)
-    stage1 = distill.stage1_arguments(args, model_args)
+    stage1 = distill.first_stage_arguments(args, 0.3)
     assert not stage1.push_to_hub and stage1.max_steps == 3 and stage1.output_dir.endswith("_stage1")
     assert args.push_to_hub and args.hub_token == "secret"  # the final model still pushes, with the real token
 
@@ -435,3 +434,37 @@ def test_the_student_is_calibrated_where_it_trains(tmp_path, tiny_teacher_dir, d
     with pytest.raises(KeyboardInterrupt):
         distill.main(args)
     assert calls[-2] == ("to", "cpu") and calls[-1] == ("calibrate", "cpu")
+
+
+@pytest.mark.slow
+def test_low_bit_remedies_from_the_command_line(tmp_path, tiny_teacher_dir, distill):
+    base = ["--teacher_model_name_or_path", str(tiny_teacher_dir), *TINY_RUN, "--num_visualized", "1"]
+    results = distill.main(
+        [
+            *base, "--output_dir", str(tmp_path / "progressive"), "--max_steps", "4",
+            "--weight_bits", "2", "--activation_bits", "2", "--progressive_from_bits", "4",
+            "--oscillation_dampening", "0.1", "--oscillation_freeze_threshold", "0.02",
+        ]
+    )  # fmt: skip
+    assert results["bits"] == "2-2-8" and results["steps"] == 2  # the 4-bit stage trained the other 2 steps
+    assert (tmp_path / "progressive" / "_progressive" / "checkpoint-2").is_dir()
+    warm = QDetrForObjectDetection.from_pretrained(tmp_path / "progressive" / "_progressive" / "checkpoint-2")
+    assert warm.config.weight_bits == 4
+    assert set(results["oscillation"]) == {
+        "backbone",
+        "encoder attention",
+        "encoder FFN",
+        "decoder attention",
+        "decoder FFN",
+    }
+    assert results["method"].endswith("+ oscillation dampening + oscillation freezing, progressive from 4 bits")
+
+    results = distill.main([*base, "--output_dir", str(tmp_path / "mixed"), "--target_average_weight_bits", "3"])
+    bits = results["layer_weight_bits"]
+    assert bits and set(bits.values()) <= {2, 3, 4} and results["average_weight_bits"] < 4
+    model = QDetrForObjectDetection.from_pretrained(tmp_path / "mixed")
+    assert model.config.layer_weight_bits == bits
+    with pytest.raises(SystemExit):
+        distill.main(
+            [*base, "--output_dir", str(tmp_path / "both"), "--two_stage", "true", "--progressive_from_bits", "4"]
+        )

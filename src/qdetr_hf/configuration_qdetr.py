@@ -141,6 +141,11 @@ class QDetrConfig(DetrConfig):
             paper) leaves the residual stream real-valued, so the convolutions that feed a residual addition have no
             quantized output and ONNX Runtime runs them in float; 8 gives every backbone convolution an integer
             input and output in the exported model. Needs a timm ResNet backbone (BasicBlock / Bottleneck blocks).
+        layer_weight_bits (`dict[str, int]`, *optional*):
+            Weight bits of individual quantized layers by module name (e.g. `{"model.encoder.layers.0.mlp.fc1":
+            2}`), overriding `weight_bits` (and `first_conv_bits`) there: mixed precision (project option, the paper
+            quantizes every layer alike). Activations keep `activation_bits`. `qdetr_hf.choose_bit_widths` fills it
+            for a size budget from each layer's measured sensitivity.
         weight_packing (`dict`, *optional*):
             Written by `save_pretrained`, never set by hand: how the checkpoint stores its quantized weights. `None`
             (training checkpoints and earlier versions): float latent weights. A dict (see
@@ -175,6 +180,7 @@ class QDetrConfig(DetrConfig):
     softmax_quantizer_init: str = "unit_range"
     integer_zero_points: bool = False
     backbone_residual_bits: int | None = None
+    layer_weight_bits: dict | None = None
     weight_packing: dict | None = None
 
     def __post_init__(self, **kwargs):

@@ -168,6 +168,7 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
         # DetrForObjectDetection.__init__ ends with post_init(): swap in the quantized layers first, so that weight
         # initialisation (or loading) sees the final module tree.
         self._quantize_modules()
+        self._check_layer_weight_bits()
         packed: list[str] = []
         if self.config.weight_packing is not None:  # a packed checkpoint: load its codes, not float weights
             packed = register_packed_buffers(quantized_layers(self), self.config.weight_packing)
@@ -221,7 +222,7 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
             bits = self.config.first_conv_bits if first else None
             quantized = QuantConv2d.from_float(
                 module,
-                weight_bits=bits or self.config.weight_bits,
+                weight_bits=self._weight_bits(f"model.backbone.model.{name}", bits or self.config.weight_bits),
                 activation_bits=bits or self.config.activation_bits,
                 weight_init=self.config.weight_step_init,
                 name=f"model.backbone.model.{name}",
@@ -257,6 +258,19 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
                 block, act_attr, QuantReLU.wrap(getattr(block, act_attr), bits, f"{prefix}.{act_attr}", offset_kwargs)
             )
 
+    def _weight_bits(self, name: str, default: int) -> int:
+        """The weight bits of the layer ``name``: its entry in ``config.layer_weight_bits``, else ``default``."""
+        return (self.config.layer_weight_bits or {}).get(name, default)
+
+    def _check_layer_weight_bits(self) -> None:
+        unknown = sorted(set(self.config.layer_weight_bits or {}) - set(quantized_layers(self)))
+        if unknown:
+            raise ValueError(
+                f"QDetrConfig.layer_weight_bits names layers this model does not quantize: {unknown[:5]}"
+                f"{' ...' if len(unknown) > 5 else ''} (keys are module names such as "
+                "'model.encoder.layers.0.mlp.fc1')."
+            )
+
     def _quantize_linear(self, parent: nn.Module, attr: str, name: str, offset_kwargs: dict) -> None:
         layer = getattr(parent, attr)
         if isinstance(layer, QuantLinear):
@@ -266,7 +280,7 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
             attr,
             QuantLinear.from_float(
                 layer,
-                weight_bits=self.config.weight_bits,
+                weight_bits=self._weight_bits(name, self.config.weight_bits),
                 activation_bits=self.config.activation_bits,
                 weight_init=self.config.weight_step_init,
                 name=name,
@@ -361,6 +375,61 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
     def is_calibrated(self) -> bool:
         """Whether every activation quantizer has been calibrated (see [`qdetr_hf.calibrate`])."""
         return is_calibrated(self)
+
+    @torch.no_grad()
+    def requantize(
+        self,
+        weight_bits: int | None = None,
+        activation_bits: int | None = None,
+        layer_weight_bits: dict[str, int] | None = None,
+    ) -> list[str]:
+        """Change the bit widths of this (trained) model in place, e.g. to continue at 3 bits from a 4-bit student.
+
+        Every weight quantizer whose width changes gets a new step, initialised from the layer's current weights
+        (``config.weight_step_init``); every activation quantizer whose width changes is reset and must be calibrated
+        again (`qdetr_hf.calibrate(model, batches, only_uncalibrated=True)`; the distillation Trainer does it). The
+        first convolution keeps ``first_conv_bits`` and attention keeps ``attention_bits``. New quantizer parameters
+        replace the old ones: build the optimizer after calling this. Returns the names of the changed quantizers.
+
+        Args:
+            weight_bits: New default weight bits (``None``: unchanged).
+            activation_bits: New input-activation bits of the quantized layers (``None``: unchanged).
+            layer_weight_bits: New per-layer weight bits (replaces ``config.layer_weight_bits``; ``None``: unchanged).
+        """
+        config = self.config
+        changed: list[str] = []
+        if weight_bits is not None:
+            config.weight_bits = weight_bits
+        if activation_bits is not None:
+            config.activation_bits = activation_bits
+        if layer_weight_bits is not None:
+            config.layer_weight_bits = dict(layer_weight_bits)
+        config.validate_quantization()
+        self._check_layer_weight_bits()
+        first = next(iter(quantized_layers(self.model.backbone))) if config.quantize_backbone else None
+        for name, layer in quantized_layers(self).items():
+            is_first = first is not None and name == f"model.backbone.{first}"
+            wanted = config.first_conv_bits if is_first else self._weight_bits(name, config.weight_bits)
+            old = layer.weight_quantizer
+            if old.bits != wanted:
+                new = LSQWeightQuantizer(layer.weight.shape[0], wanted, layer.weight.dim(), init=old.init)
+                layer.weight_quantizer = new.to(layer.weight.device)
+                layer.weight_quantizer.initialize_from(layer.weight)
+                changed.append(f"{name}.weight_quantizer")
+            wanted = config.first_conv_bits if is_first else config.activation_bits
+            quantizer = layer.input_quantizer
+            if quantizer.bits != wanted:
+                replacement = LSQActivationQuantizer(
+                    wanted,
+                    quantizer.learn_offset,
+                    quantizer.offset_init,
+                    quantizer.name,
+                    quantizer.known_range,
+                    quantizer.integer_offset,
+                ).to(layer.weight.device)
+                layer.input_quantizer = replacement
+                changed.append(f"{name}.input_quantizer")
+        return changed
 
     def quantized_modules(self) -> dict[str, nn.Module]:
         """Mapping of module name to every quantized Conv2d / Linear layer and quantized attention block."""

@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""Students below 4 bits: where they break, and what the package's remedies buy, on the main job's data.
+
+Two parts, both writing to benchmarks/results/low_bit.{json,md} (rows are kept when the script is run again):
+
+- ``--part ablation``: for the shipped teacher converted at 2 and 3 bits and calibrated (untrained), and for trained
+  students given with ``--trained``, the AP on synthetic validation images with the quantizers of one layer group
+  switched on alone (weights only, activations only, both), every other quantizer off: what each group costs.
+- ``--part runs``: ``examples/distill.py`` at the main job's settings with one budget for every row (``--steps``; a
+  step budget rather than a time limit, so that rows compare at equal training whatever else runs on the machine),
+  uniform 3-3-8 and 2-2-8 students with today's recipe and with the remedies (progressive schedule from 4 bits,
+  oscillation dampening and freezing), and mixed-precision students at the uniform 3-bit and 2-bit models' sizes.
+  Each row records AP, the share of oscillating weights per layer group and how far training moved the steps.
+
+    python benchmarks/low_bit.py --part ablation
+    python benchmarks/low_bit.py --part runs --steps 1600              # the main job's budget on the 2-core machine
+    python benchmarks/low_bit.py --part runs --steps 6400 --rows 3-3-8  # 4x that budget, one row
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ROOT / "examples" / "teacher-synthetic"
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / "benchmarks" / "work" / "low_bit"
+GROUPS = ("stem", "backbone", "encoder attention", "encoder FFN", "decoder attention", "decoder FFN")
+MAIN_JOB_STUDENT = ["--integer_zero_points", "true", "--backbone_residual_bits", "8"]
+ROWS: dict[str, list[str]] = {
+    "3-3-8": ["--weight_bits", "3", "--activation_bits", "3"],
+    "3-3-8, progressive from 4": ["--weight_bits", "3", "--activation_bits", "3", "--progressive_from_bits", "4"],
+    "3-3-8, oscillation dampening + freezing": [
+        "--weight_bits", "3", "--activation_bits", "3",
+        "--oscillation_dampening", "0.5", "--oscillation_freeze_threshold", "0.02",
+    ],
+    "2-2-8": ["--weight_bits", "2", "--activation_bits", "2"],
+    "2-2-8, progressive from 4": ["--weight_bits", "2", "--activation_bits", "2", "--progressive_from_bits", "4"],
+    "2-2-8, progressive + dampening + freezing": [
+        "--weight_bits", "2", "--activation_bits", "2", "--progressive_from_bits", "4",
+        "--oscillation_dampening", "0.5", "--oscillation_freeze_threshold", "0.02",
+    ],
+    "mixed precision at the 3-3-8 size, 3-bit activations": [
+        "--weight_bits", "3", "--activation_bits", "3", "--target_size_mb", "3-3-8",
+    ],
+    "mixed precision at the 2-2-8 size, 2-bit activations": [
+        "--weight_bits", "2", "--activation_bits", "2", "--target_size_mb", "2-2-8",
+    ],
+}  # fmt: skip
+
+
+def group_of(name: str, first_layer: str) -> str:
+    from qdetr_hf.oscillation import layer_group
+
+    return "stem" if name.startswith(first_layer) else layer_group(name)
+
+
+def _val(num_images: int):
+    from qdetr_hf.data import DetrCollator, SyntheticShapesDataset, default_image_processor
+
+    collator = DetrCollator(default_image_processor(128))
+    return SyntheticShapesDataset(num_images=num_images, image_size=128, seed=1_000_000), collator
+
+
+@torch.no_grad()
+def ap_with(model, quantizers_on, dataset, collator) -> float:
+    """AP of ``model`` with only ``quantizers_on`` enabled."""
+    from qdetr_hf.metrics import make_compute_metrics
+    from qdetr_hf.quantization import quantization_disabled
+
+    evaluator = make_compute_metrics(id2label=model.config.id2label, area_ranges=dataset.area_ranges)
+    with quantization_disabled(model):
+        for quantizer in quantizers_on:
+            quantizer.enabled = True
+        for start in range(0, len(dataset), 32):
+            batch = collator([dataset[i] for i in range(start, min(start + 32, len(dataset)))])
+            out = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+            evaluator.update(({}, out.logits, out.pred_boxes), batch["labels"])
+    return evaluator.compute()["AP"]
+
+
+def ablation(model, dataset, collator) -> dict[str, Any]:
+    """Per layer group, the AP with only its weight quantizers, only its activation quantizers, or both, enabled."""
+    from qdetr_hf.quantization import LSQActivationQuantizer, LSQWeightQuantizer, quantizers
+
+    model.eval()
+    first = next(name for name, m in model.named_modules() if type(m).__name__ == "QuantConv2d")
+    by_group: dict[str, dict[str, list]] = {g: {"weights": [], "activations": []} for g in GROUPS}
+    for name, quantizer in quantizers(model):
+        layer = name.rsplit(".", 1)[0]
+        for suffix in (".attn_quantizer", ".output_quantizer"):
+            layer = layer.replace(suffix, "")
+        group = group_of(layer, first)
+        kind = "weights" if isinstance(quantizer, LSQWeightQuantizer) else "activations"
+        if isinstance(quantizer, (LSQWeightQuantizer, LSQActivationQuantizer)) and group in by_group:
+            by_group[group][kind].append(quantizer)
+    every = [q for parts in by_group.values() for qs in parts.values() for q in qs]
+    result = {"real-valued": ap_with(model, [], dataset, collator), "all": ap_with(model, every, dataset, collator)}
+    for group, parts in by_group.items():
+        result[group] = {
+            "weights": ap_with(model, parts["weights"], dataset, collator),
+            "activations": ap_with(model, parts["activations"], dataset, collator),
+            "both": ap_with(model, parts["weights"] + parts["activations"], dataset, collator),
+        }
+    return result
+
+
+def run_ablation(args, results: dict[str, Any]) -> None:
+    from qdetr_hf import QDetrForObjectDetection, calibrate
+    from qdetr_hf.data import SyntheticShapesDataset
+
+    dataset, collator = _val(args.num_eval_images)
+    train = SyntheticShapesDataset(num_images=32, image_size=128, seed=0)
+    batches = [collator([train[i] for i in range(j, j + 8)]) for j in range(0, 32, 8)]
+    table = results.setdefault("ablation", {})
+    for bits in args.bits:
+        name = f"{bits}-{bits}-8, calibrated, untrained"
+        model = QDetrForObjectDetection.from_pretrained(
+            TEACHER,
+            weight_bits=bits,
+            activation_bits=bits,
+            weight_step_init="mse",
+            activation_offset_init="mse",
+            distribution_alignment_init="fit",
+            integer_zero_points=True,
+            backbone_residual_bits=8,
+        )
+        calibrate(model, batches)
+        table[name] = ablation(model, dataset, collator)
+        print(name, json.dumps(table[name]), flush=True)
+    for folder in args.trained:
+        model = QDetrForObjectDetection.from_pretrained(folder)
+        table[f"{model.config.bit_notation}, trained ({Path(folder).name})"] = ablation(model, dataset, collator)
+
+
+def size_of(bits: str) -> float:
+    """The paper-convention size (MB) of the main job's student at uniform ``bits`` (e.g. "3-3-8")."""
+    from qdetr_hf import QDetrForObjectDetection
+    from qdetr_hf.efficiency import efficiency_report
+
+    w, a, _ = (int(b) for b in bits.split("-"))
+    model = QDetrForObjectDetection.from_pretrained(TEACHER, weight_bits=w, activation_bits=a)
+    return efficiency_report(model, 128).size_mb
+
+
+def run_rows(args, results: dict[str, Any]) -> None:
+    rows = results.setdefault("runs", {})
+    for name in args.rows:
+        key = f"{name} @ {args.steps} steps"
+        if key in rows:
+            print(f"{key}: done", flush=True)
+            continue
+        extra = list(ROWS[name])
+        if "--target_size_mb" in extra:  # a size named by the uniform model it matches
+            index = extra.index("--target_size_mb") + 1
+            extra[index] = f"{size_of(extra[index]):.6f}"
+        output = WORK / f"{name.replace(' ', '_').replace(',', '')}-{args.steps}"
+        command = [
+            sys.executable, str(ROOT / "examples" / "distill.py"), "--output_dir", str(output),
+            "--max_steps", str(args.steps), "--export_onnx", "false", "--overwrite_output_dir", "true",
+            *MAIN_JOB_STUDENT, *extra,
+        ]  # fmt: skip
+        started = time.time()
+        subprocess.run(command, check=True)
+        run = json.loads((output / "results.json").read_text())
+        student = next(v for k, v in run["rows"].items() if k.startswith("student") and "untrained" not in k)
+        untrained = next(v for k, v in run["rows"].items() if "untrained" in k)
+        rows[key] = {
+            "args": extra,
+            "steps": run["steps"],
+            "AP": student["AP"],
+            "AP50": student["AP50"],
+            "untrained_AP": untrained["AP"],
+            "teacher_AP": run["rows"]["teacher (fp32)"]["AP"],
+            "size_mb": student["size_mb"],
+            "average_weight_bits": run["average_weight_bits"],
+            "oscillation": run["oscillation"],
+            "weight_step_change": run["weight_step_change"],
+            "wall_time_s": time.time() - started,
+        }
+        save(results)
+
+
+def save(results: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "low_bit.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / "low_bit.md").write_text(to_markdown(results))
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        "# Students below 4 bits",
+        "",
+        f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}. Synthetic data at 128 px, the shipped teacher, "
+        "the main job's settings (DA + DRD, integer zero points, 8-bit residual stream). AP in %.",
+        "",
+    ]
+    if "ablation" in results:
+        lines += [
+            "## Where it breaks: one layer group quantized at a time",
+            "",
+            "AP with only the named group's quantizers on (everything else real-valued); `all` = the whole model "
+            "quantized, `real-valued` = no quantizer on.",
+            "",
+            "| model | real-valued | all | " + " | ".join(f"{g} (W / A / both)" for g in GROUPS) + " |",
+            "|---" * (len(GROUPS) + 3) + "|",
+        ]
+        for name, row in results["ablation"].items():
+            cells = [
+                f"{100 * row[g]['weights']:.1f} / {100 * row[g]['activations']:.1f} / {100 * row[g]['both']:.1f}"
+                for g in GROUPS
+            ]
+            lines.append(
+                f"| {name} | {100 * row['real-valued']:.1f} | {100 * row['all']:.1f} | " + " | ".join(cells) + " |"
+            )
+        lines.append("")
+    if "runs" in results:
+        lines += [
+            "## Recipes at equal budgets",
+            "",
+            "| row | steps | AP (% of teacher) | AP50 | calibrated start | size MB | avg weight bits | oscillating weights "
+            "(backbone / enc. attn / dec. attn) | median step change (backbone / enc. attn / dec. attn) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, row in results["runs"].items():
+            osc, steps = row["oscillation"], row["weight_step_change"]
+            groups = ("backbone", "encoder attention", "decoder attention")
+            lines.append(
+                f"| {name} | {row['steps']} | {100 * row['AP']:.1f} ({100 * row['AP'] / row['teacher_AP']:.0f}%) | "
+                f"{100 * row['AP50']:.1f} | {100 * row['untrained_AP']:.1f} | {row['size_mb']:.2f} | "
+                f"{row['average_weight_bits']:.2f} | "
+                + " / ".join(f"{100 * osc.get(g, {}).get('oscillating', 0):.1f}%" for g in groups)
+                + " | "
+                + " / ".join(f"{100 * steps.get(g, 0):.0f}%" for g in groups)
+                + " |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["ablation", "runs"], required=True)
+    parser.add_argument("--bits", nargs="+", type=int, default=[3, 2], help="Ablation: uniform widths to convert at.")
+    parser.add_argument("--trained", nargs="*", default=[], help="Ablation: trained student folders.")
+    parser.add_argument("--num_eval_images", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=1600, help="Runs: the training budget of every row.")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    args = parser.parse_args(argv)
+    path = RESULTS / "low_bit.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results["machine"] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if args.part == "ablation":
+        run_ablation(args, results)
+    else:
+        run_rows(args, results)
+    save(results)
+    print(to_markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Mixed precision: per-layer weight bits in the config, sensitivity, allocation under a budget, re-quantization."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import tiny_detr_kwargs
+
+from qdetr_hf import QDetrConfig, QDetrForObjectDetection, calibrate
+from qdetr_hf.efficiency import efficiency_report
+from qdetr_hf.mixed_precision import (
+    LayerSensitivity,
+    allocate_bits,
+    average_weight_bits,
+    choose_bit_widths,
+    layer_sensitivity,
+)
+from qdetr_hf.quantization import quantized_layers
+
+
+def test_allocation_on_a_hand_built_case_takes_the_cheap_layer_down_first():
+    # Layer a loses a lot below 4 bits, layer b almost nothing: b gives up its bits first.
+    a = LayerSensitivity("a", 100, {2: 10.0, 3: 1.0, 4: 0.0})
+    b = LayerSensitivity("b", 100, {2: 0.5, 3: 0.1, 4: 0.0})
+    assert allocate_bits([a, b], budget_bits=800) == {"a": 4, "b": 4}
+    assert allocate_bits([a, b], budget_bits=700) == {"a": 4, "b": 3}
+    # 500 bits: (a 3, b 2) costs 1.5, the only other fit (a 2, b 3) 10.1.
+    assert allocate_bits([a, b], budget_bits=500) == {"a": 3, "b": 2}
+    with pytest.raises(ValueError, match="No choice fits"):
+        allocate_bits([a, b], budget_bits=399)
+
+
+def test_allocation_never_exceeds_the_budget():
+    rng = random.Random(0)
+    for _ in range(200):
+        layers = [
+            LayerSensitivity(f"l{i}", rng.randint(1, 1000), {b: rng.random() / b for b in (2, 3, 4, 8)})
+            for i in range(rng.randint(1, 12))
+        ]
+        narrowest = sum(2 * s.numel for s in layers)
+        widest = sum(8 * s.numel for s in layers)
+        budget = rng.uniform(narrowest, widest * 1.1)
+        chosen = allocate_bits(layers, budget)
+        assert sum(chosen[s.name] * s.numel for s in layers) <= budget
+        assert all(chosen[s.name] in s.costs for s in layers)
+
+
+def test_per_layer_bits_build_save_and_load(tmp_path, images):
+    fc1 = "model.encoder.layers.0.mlp.fc1"
+    model = QDetrForObjectDetection(QDetrConfig(**tiny_detr_kwargs(layer_weight_bits={fc1: 2})))
+    layers = quantized_layers(model)
+    assert layers[fc1].weight_quantizer.bits == 2
+    assert {layer.weight_quantizer.bits for name, layer in layers.items() if name != fc1} == {4, 8}
+    calibrate(model, [images])
+    model.eval()
+    expected = model(pixel_values=images).logits
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["weight_packing"]["layers"][fc1] == 2
+    reloaded = QDetrForObjectDetection.from_pretrained(tmp_path).eval()
+    assert quantized_layers(reloaded)[fc1].weight_quantizer.bits == 2
+    assert torch.equal(reloaded(pixel_values=images).logits, expected)
+    with pytest.raises(ValueError, match="layers this model does not quantize"):
+        QDetrForObjectDetection(QDetrConfig(**tiny_detr_kwargs(layer_weight_bits={"model.no.such.layer": 2})))
+    with pytest.raises(ValueError, match="layer_weight_bits"):
+        QDetrConfig(**tiny_detr_kwargs(layer_weight_bits={fc1: 9}))
+
+
+def test_sensitivity_measures_every_layer_and_leaves_the_model_unchanged(images):
+    model = QDetrForObjectDetection(QDetrConfig(**tiny_detr_kwargs())).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sensitivities = layer_sensitivity(model, [images], candidate_bits=(2, 8))
+    assert [s.name for s in sensitivities] == list(quantized_layers(model))
+    assert all(s.costs[2] >= 0 and s.costs[8] >= 0 for s in sensitivities)
+    # Two bits cost more than eight, summed over the layers.
+    assert sum(s.costs[2] for s in sensitivities) > 10 * sum(s.costs[8] for s in sensitivities)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_chosen_widths_meet_the_size_and_average_targets(images):
+    model = QDetrForObjectDetection(QDetrConfig(**tiny_detr_kwargs())).eval()
+    sensitivities = layer_sensitivity(model, [images], candidate_bits=(2, 3, 4))
+    by_average = choose_bit_widths(model, None, target_average_bits=3.0, sensitivities=sensitivities)
+    assert average_weight_bits(by_average, model) <= 3.0 and len(set(by_average.values())) > 1
+    uniform_3bit = efficiency_report(
+        QDetrForObjectDetection(QDetrConfig(**tiny_detr_kwargs(weight_bits=3))), 64
+    ).size_mb
+    by_size = choose_bit_widths(model, None, target_size_mb=uniform_3bit, image_size=64, sensitivities=sensitivities)
+    mixed = QDetrForObjectDetection(QDetrConfig(**tiny_detr_kwargs(layer_weight_bits=by_size)))
+    assert efficiency_report(mixed, 64).size_mb <= uniform_3bit + 1e-9
+    with pytest.raises(ValueError, match="exactly one"):
+        choose_bit_widths(model, None, sensitivities=sensitivities)
+
+
+def test_requantize_continues_a_trained_model_at_fewer_bits(images):
+    model = QDetrForObjectDetection(QDetrConfig(**tiny_detr_kwargs()))
+    calibrate(model, [images])
+    stem = next(iter(quantized_layers(model).values()))
+    changed = model.requantize(weight_bits=3, activation_bits=3)
+    layers = quantized_layers(model)
+    assert stem.weight_quantizer.bits == 8 and stem.input_quantizer.bits == 8  # the first convolution keeps 8 bits
+    assert {layer.weight_quantizer.bits for layer in list(layers.values())[1:]} == {3}
+    assert len(changed) == 2 * (len(layers) - 1)
+    assert not model.is_calibrated  # the changed activation quantizers must be calibrated again
+    calibrate(model, [images], only_uncalibrated=True)
+    assert model.is_calibrated and model.config.bit_notation == "3-3-8"
+    model.eval()
+    assert torch.isfinite(model(pixel_values=images).logits).all()
