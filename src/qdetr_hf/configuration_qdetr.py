@@ -107,8 +107,7 @@ class QDetrConfig(DetrConfig):
             Initial DA affine. `"unit"`: `gamma = 1`, `beta = 0` (the paper's), which changes the converted model's
             attention (the standardised query has a fixed per-token scale); `"fit"` (project option): calibration sets
             `gamma`/`beta` per dimension to the least-squares fit of the real-valued query from its standardised
-            form, so DA starts close to the identity. On the synthetic teacher at 4-4-8 (cross-attention DA), the
-            calibrated, untrained student went from 9.0 AP with `"unit"` to 12.1 AP with `"fit"`.
+            form, so DA starts close to the identity (`benchmarks/results/main_job.md` measures both).
         activation_offset (`bool`, defaults to `True`):
             Learn an LSQ+ offset in every activation quantizer (the paper's baseline). `False` gives plain LSQ.
         activation_offset_init (`str`, defaults to `"zero"`):
@@ -116,20 +115,17 @@ class QDetrConfig(DetrConfig):
             zero offset (the paper's stated init); `"minmax"`: LSQ+'s min/max init (project option); `"mse"` (project
             option): zero offset and, of the LSQ step's multiples in `MSE_STEP_MULTIPLIERS` (0.02-8), the one with the
             least squared quantization error on the calibration inputs (the quantizers with an analytic range, such as
-            the softmax output's, keep it). LSQ's rule suits 4 bits but sets 8-bit steps 4-10x coarser than needed
-            (q, k, v and the stem input). In the synthetic main job's setting "mse" raised the calibrated, untrained
-            student from 12.1 to 15.9 AP and the 1,600-step student from 28.4 to 31.0 AP.
+            the softmax output's, keep it). LSQ's rule suits 4 bits but sets 8-bit steps far coarser than needed
+            (q, k, v and the stem input); `benchmarks/results/main_job.md` measures the difference.
         weight_step_init (`str`, defaults to `"lsq"`):
             Initial weight steps. `"lsq"`: LSQ's `2 mean|w_c| / sqrt(Qp)` per output channel (the paper's);
             `"mse"` (project option): per channel, the clipping point `alpha * max|w_c|` that minimises the weight's
-            quantization error. On the synthetic teacher at 4-4-8, `"mse"` raised the calibrated, untrained student
-            from 8.2 to 14.2 AP; it matters most for short fine-tuning budgets.
+            quantization error; it matters most for short fine-tuning budgets (`benchmarks/results/main_job.md`).
         softmax_quantizer_init (`str`, defaults to `"unit_range"`):
             Initialisation of the attention-probability quantizer. `"unit_range"` (project decision): the softmax
             output's exact range [0, 1], step `1 / (2^b - 1)`; `"lsq"`: the generic LSQ activation init, which puts
-            the clipping point near `32 / L_k` at 8 bits and clips confident attention (on the synthetic benchmark
-            quantizing only the softmax output after calibration cost 10.5 AP with `"lsq"` and nothing with
-            `"unit_range"`). The paper states the LSQ init for activations but not for the softmax output.
+            the clipping point near `32 / L_k` at 8 bits and clips confident attention (measured in
+            `benchmarks/results/main_job.md`). The paper states the LSQ init for activations, not for the softmax.
         integer_zero_points (`bool`, defaults to `False`):
             Use each learned activation offset as a whole number of steps, `round(z / s)` (project option): an
             integer zero point, which is what ONNX's QuantizeLinear has, so `qdetr_hf.export_onnx` reproduces the

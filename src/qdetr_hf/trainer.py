@@ -212,8 +212,8 @@ def configure_cpu_threads(args: QDetrTrainingArguments) -> int:
     """Set PyTorch's intra-op thread count for this run and return it.
 
     `accelerate launch` without a config file exports ``OMP_NUM_THREADS=1`` to a single process that was not declared a
-    CPU run, so PyTorch would use one core even on a CPU-only machine (the main job took 11 min 16 s with one thread and
-    8 min 33 s with two on the 2-core reference machine). An explicit ``args.cpu_threads`` is always applied. Otherwise
+    CPU run, so PyTorch would use one core even on a CPU-only machine (`benchmarks/results/main_job.md` measures the
+    cost). An explicit ``args.cpu_threads`` is always applied. Otherwise
     a single process training on the CPU gets every core it may use (its CPU affinity), and nothing changes on a GPU or
     when several processes share the machine, where the launcher split the cores between them.
     """
