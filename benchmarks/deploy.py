@@ -359,7 +359,7 @@ def to_markdown(results: dict[str, Any]) -> str:
         for name, v in results["zero_points"].items():
             offsets = "integer zero points" if v["integer_zero_points"] else "real-valued, rounded at export"
             lines.append(
-                f"| `{Path(name).name}` | {offsets} | {100 * v['pytorch_AP']:.1f} | {100 * v['onnx_AP']:.1f} | "
+                f"| `{name}` | {offsets} | {100 * v['pytorch_AP']:.1f} | {100 * v['onnx_AP']:.1f} | "
                 f"{v['max_zero_point_rounding']:.2f} |"
             )
         lines.append("")
@@ -368,7 +368,14 @@ def to_markdown(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--architectures", nargs="+", default=["student", "r50"], choices=["student", "r50"])
+    parser.add_argument(
+        "--architectures",
+        nargs="*",
+        default=["student", "r50"],
+        choices=["student", "r50"],
+        help="Architectures to measure; none (with --trained_students) measures only the trained students' AP. Parts "
+        "not run keep their numbers from an existing deploy.json.",
+    )
     parser.add_argument("--bits", nargs="+", default=["4-4-8", "8-8-8", "2-2-8"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--runs", type=int, default=20)
@@ -388,14 +395,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.architectures, args.bits, args.runs, args.warmup, args.num_eval_images = ["student"], ["4-4-8"], 3, 1, 32
     if args.runs < 1 or min(args.threads) < 1:
         parser.error("--runs and --threads must be >= 1")
-    results: dict[str, Any] = {"machine": machine(), "runs": args.runs, "warmup": args.warmup, "architectures": {}}
+    previous = Path(args.output_dir) / "deploy.json"
+    results: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {"architectures": {}}
+    if args.architectures:
+        results.update(machine=machine(), runs=args.runs, warmup=args.warmup)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for arch in args.architectures:
             results["architectures"][arch] = run_arch(arch, args.bits, args.threads, args.runs, args.warmup, work)
-        trained = [Path(p) for p in args.trained_students if Path(p).is_dir()]
-        if trained:
-            results["zero_points"] = {str(p): exported_ap(p, work, args.num_eval_images) for p in trained}
+        for folder in [Path(p) for p in args.trained_students if Path(p).is_dir()]:
+            results.setdefault("zero_points", {})[folder.name] = exported_ap(folder, work, args.num_eval_images)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "deploy.json").write_text(json.dumps(results, indent=2))
