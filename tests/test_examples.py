@@ -96,6 +96,9 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
         "model.onnx",
         "packing.py",
         "transformers_compat.py",
+        "quantizers.py",
+        "quant_layers.py",
+        "calibration.py",
     ):
         assert name in pushed, name
     assert not any(p.startswith(("checkpoint-", "_")) for p in pushed)

@@ -296,7 +296,15 @@ def test_auto_classes_are_registered(tmp_path, images):
         "AutoConfig": "configuration_qdetr.QDetrConfig",
         "AutoModelForObjectDetection": "modeling_qdetr.QDetrForObjectDetection",
     }
-    for name in ("configuration_qdetr.py", "modeling_qdetr.py", "quantization.py", "transformers_compat.py"):
+    for name in (
+        "configuration_qdetr.py",
+        "modeling_qdetr.py",
+        "quantization.py",
+        "quantizers.py",
+        "quant_layers.py",
+        "calibration.py",
+        "transformers_compat.py",
+    ):
         assert (tmp_path / name).is_file(), name
     assert isinstance(AutoModelForObjectDetection.from_pretrained(tmp_path), QDetrForObjectDetection)
 

@@ -23,9 +23,11 @@ from qdetr_hf import (
     calibrate,
     is_calibrated,
     lsq_fake_quantize,
+    quant_layers,
     quantization,
     quantization_disabled,
 )
+from qdetr_hf import quantizers as quantizers_module
 from qdetr_hf.quantization import MSE_SAMPLES_PER_BATCH, MSE_STEP_MULTIPLIERS, STEP_EPS, quant_range
 
 
@@ -242,11 +244,11 @@ def test_bit_checks_and_init_names_are_the_configs():
     from qdetr_hf import configuration_qdetr
 
     # One implementation, in the torch-free configuration module.
-    assert quantization.check_bits is configuration_qdetr.check_bits
-    assert quantization.OFFSET_INITS is configuration_qdetr.OFFSET_INITS
-    assert quantization.WEIGHT_STEP_INITS is configuration_qdetr.WEIGHT_STEP_INITS
-    assert quantization.ALIGNMENT_INITS is configuration_qdetr.ALIGNMENT_INITS
-    assert quantization.SOFTMAX_INITS is configuration_qdetr.SOFTMAX_INITS
+    assert quantizers_module.check_bits is configuration_qdetr.check_bits
+    assert quantizers_module.OFFSET_INITS is configuration_qdetr.OFFSET_INITS
+    assert quantizers_module.WEIGHT_STEP_INITS is configuration_qdetr.WEIGHT_STEP_INITS
+    assert quant_layers.ALIGNMENT_INITS is configuration_qdetr.ALIGNMENT_INITS
+    assert quant_layers.SOFTMAX_INITS is configuration_qdetr.SOFTMAX_INITS
     assert configuration_qdetr.check_bits(8, "x") == 8
     with pytest.raises(ValueError, match=r"QDetrConfig\.weight_bits must be an integer between 2 and 8, got 9\."):
         configuration_qdetr.QDetrConfig(weight_bits=9)
@@ -637,7 +639,7 @@ def test_mse_activation_init_finds_the_step_of_inputs_on_a_grid(monkeypatch):
     levels = torch.tensor([-8.0, -5.0, -1.0, 0.0, 2.0, 3.0, 7.0])
     x = (levels * c).repeat(10)
     exact = math.sqrt(7) / (2 * levels.abs().mean().item())
-    monkeypatch.setattr(quantization, "MSE_STEP_MULTIPLIERS", [exact * f for f in (0.25, 0.5, 0.9, 1.0, 1.1, 2.0)])
+    monkeypatch.setattr(quantizers_module, "MSE_STEP_MULTIPLIERS", [exact * f for f in (0.25, 0.5, 0.9, 1.0, 1.1, 2.0)])
     model = _Quantize(LSQActivationQuantizer(4, offset_init="mse"))
     calibrate(model, [x[:35], x[35:]])
     quantizer = model.quantizer

@@ -53,7 +53,7 @@ SYNC_METHODS = (
 #: (file, function) of the package's unavoidable host steps, excluded from the count.
 ALLOWED_SITES = {
     # QSKD's LAPD assignment: scipy's linear_sum_assignment on the host, with data-dependent sizes, as DETR's matcher.
-    ("qskd.py", "_assign_within_groups"),
+    ("predictions.py", "_assign_within_groups"),
 }
 
 
@@ -219,8 +219,8 @@ def test_a_training_step_makes_no_host_synchronisation(method, tmp_path, tiny_te
     # The first step after calibration reads each activation quantizer's calibrated buffers once and caches its integer
     # range for the rest of the model's life (LSQActivationQuantizer._calibrated_range); later steps read nothing.
     assert {(s.file, s.function) for s in per_step[0]} <= {
-        ("quantization.py", "_calibrated_range"),
-        ("quantization.py", "range"),
+        ("quantizers.py", "_calibrated_range"),
+        ("quantizers.py", "range"),
     }
     for step, sites in enumerate(per_step[1:], start=2):
         assert sites == [], f"step {step} with {method}:\n" + "\n".join(map(str, sites))

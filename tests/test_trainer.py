@@ -330,16 +330,16 @@ def test_distiller_gradients_do_not_accumulate_across_steps(tmp_path, student, t
 def test_bf16_training_fake_quantizes_in_float32(tmp_path, student, teacher, tiny_shapes, monkeypatch):
     # Under bf16 autocast the quantized layers receive bf16 activations, but the package's fake quantization must
     # run in float32 with autocast off (bf16 has 8 mantissa bits: 8-bit levels would not round-trip).
-    from qdetr_hf import quantization
+    from qdetr_hf import quantization, quantizers
 
     calls: list[tuple[torch.dtype, torch.dtype, bool]] = []
-    fake_quantize = quantization.lsq_fake_quantize
+    fake_quantize = quantizers.lsq_fake_quantize
 
     def recording(x, step, *args, **kwargs):
         calls.append((x.dtype, step.dtype, torch.is_autocast_enabled("cpu")))
         return fake_quantize(x, step, *args, **kwargs)
 
-    monkeypatch.setattr(quantization, "lsq_fake_quantize", recording)
+    monkeypatch.setattr(quantizers, "lsq_fake_quantize", recording)
     incoming: set[torch.dtype] = set()
     for module in student.modules():
         if isinstance(module, quantization.LSQActivationQuantizer):
