@@ -22,6 +22,7 @@ results get the per-round medians and the ratio of the two versions.
     python benchmarks/speed.py                       # writes benchmarks/results/speed.json and speed.md
     python benchmarks/speed.py --quick --output_dir /tmp/speed
     git archive <commit> src | tar -x -C /tmp/base && python benchmarks/speed.py --baseline_src /tmp/base/src
+    python benchmarks/speed.py --compare_only --baseline_src /tmp/base/src   # add only the comparison
 """
 
 from __future__ import annotations
@@ -367,6 +368,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--compare_configs", nargs="+", default=list(COMPARE_CONFIGS), choices=COMPARE_CONFIGS)
     parser.add_argument("--compare_rounds", type=int, default=3)
+    parser.add_argument(
+        "--compare_only",
+        action="store_true",
+        help="Only measure the comparison with --baseline_src and add it to the existing speed.json / speed.md.",
+    )
     parser.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -376,6 +382,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             json.dumps(measure(args._measure, args.steps, args.warmup, args.batch_size, args.image_size, args.teacher))
         )
         return {}
+    if args.compare_only:
+        if args.baseline_src is None:
+            raise SystemExit("--compare_only needs --baseline_src")
+        path = args.output_dir / "speed.json"
+        if not path.is_file():
+            raise SystemExit(f"--compare_only adds to an existing {path}; run the full benchmark first")
+        results = json.loads(path.read_text())
+        results["comparison"] = compare(args)
+        path.write_text(json.dumps(results, indent=2))
+        (args.output_dir / "speed.md").write_text(markdown(results))
+        return results
 
     runs = {
         config: _run_config(config, args)
