@@ -8,6 +8,7 @@ load with ``trust_remote_code=True`` where this package is not installed.
 from transformers import AutoConfig, AutoModelForObjectDetection
 
 from .configuration_qdetr import QDetrConfig
+from .mixed_precision import LayerSensitivity, allocate_bits, choose_bit_widths, layer_sensitivity
 from .modeling_qdetr import QDetrForObjectDetection
 from .onnx_export import OnnxExportReport, export_onnx
 from .onnx_runtime import OnnxDetector
@@ -35,6 +36,7 @@ __all__ = [
     "DistributionAlignment",
     "LSQActivationQuantizer",
     "LSQWeightQuantizer",
+    "LayerSensitivity",
     "OnnxDetector",
     "OnnxExportReport",
     "QDetrConfig",
@@ -43,9 +45,12 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "__version__",
+    "allocate_bits",
     "calibrate",
+    "choose_bit_widths",
     "export_onnx",
     "is_calibrated",
+    "layer_sensitivity",
     "lsq_fake_quantize",
     "quantization_disabled",
 ]
