@@ -334,6 +334,21 @@ def layer_predictions(
     return logits, boxes, per_layer
 
 
+def layer_stack(logits: torch.Tensor, boxes: torch.Tensor, who: str = "student") -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's ``(B, N, C)`` / ``(B, N, 4)`` predictions, or several layers' ``(L, B, N, ·)``, as
+    ``(L, B, N, C)`` logits and ``(L, B, N, 4)`` boxes; a ValueError names ``who`` when the two disagree."""
+    if logits.ndim not in (3, 4) or boxes.ndim != logits.ndim:
+        raise ValueError(
+            f"{who}_logits and {who}_boxes must both be (B, N, ·) or both (L, B, N, ·), got "
+            f"{tuple(logits.shape)} and {tuple(boxes.shape)}"
+        )
+    logits = logits if logits.ndim == 4 else logits.unsqueeze(0)
+    boxes = boxes if boxes.ndim == 4 else boxes.unsqueeze(0)
+    if boxes.shape != (*logits.shape[:3], 4):
+        raise ValueError(f"{who}_boxes must have shape {(*logits.shape[:3], 4)}, got {tuple(boxes.shape)}")
+    return logits, boxes
+
+
 def hidden_state_predictions(detector: DetectorOutputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Class logits ``(L, B, Q, C + 1)`` and boxes ``(L, B, Q, 4)`` of every decoder layer of a forward pass run with
     ``output_hidden_states=True``.

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdetr_hf.box_ops import center_to_corners, compute_dtype, elementwise_generalized_box_iou
-from qdetr_hf.distillers.base import DetectorOutputs, Distiller, check_non_negative, check_positive, run_decoder
+from qdetr_hf.distillers.base import (
+    DetectorOutputs,
+    Distiller,
+    check_non_negative,
+    check_positive,
+    layer_stack,
+    run_decoder,
+)
 
 __all__ = [
     "GENERAL_DISTRIBUTIONS",
@@ -123,19 +130,8 @@ def kd_detr_set_loss(
     check_non_negative(cls_weight, "cls_weight")
     check_non_negative(l1_weight, "l1_weight")
     check_non_negative(giou_weight, "giou_weight")
-    if student_logits.ndim not in (3, 4) or student_boxes.ndim != student_logits.ndim:
-        raise ValueError(
-            "student_logits and student_boxes must both be (B, N, .) or both (L, B, N, .), got "
-            f"{tuple(student_logits.shape)} and {tuple(student_boxes.shape)}"
-        )
-    s_logits = student_logits if student_logits.ndim == 4 else student_logits.unsqueeze(0)
-    s_boxes = student_boxes if student_boxes.ndim == 4 else student_boxes.unsqueeze(0)
+    s_logits, s_boxes = layer_stack(student_logits, student_boxes)
     batch, num_queries, num_columns = s_logits.shape[1:]
-    if s_boxes.shape[1:] != (batch, num_queries, 4) or s_boxes.shape[0] != s_logits.shape[0]:
-        raise ValueError(
-            f"student_boxes must have shape {(s_logits.shape[0], batch, num_queries, 4)} to match student_logits "
-            f"{tuple(s_logits.shape)}, got {tuple(s_boxes.shape)}"
-        )
     if teacher_logits.shape != (batch, num_queries, num_columns):
         raise ValueError(
             f"teacher_logits must have shape {(batch, num_queries, num_columns)} (one final layer, same queries and "

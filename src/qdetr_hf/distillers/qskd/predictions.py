@@ -14,9 +14,7 @@ from qdetr_hf.box_ops import (
     elementwise_generalized_box_iou,
     pairwise_generalized_box_iou,
 )
-from qdetr_hf.distillers.base import (
-    check_positive,
-)
+from qdetr_hf.distillers.base import check_positive, layer_stack
 from qdetr_hf.distillers.qskd.selection import DETR_MATCHER_COSTS, _check_costs, _check_groups, _check_predictions
 
 _LOGITS_LOSSES = ("kl", "bce")
@@ -209,18 +207,8 @@ def local_alignment_prediction_loss(
     if logits_loss not in _LOGITS_LOSSES:
         raise ValueError(f"logits_loss must be one of {_LOGITS_LOSSES}, got {logits_loss!r}")
     check_positive(temperature, "temperature")
-    if student_logits.ndim not in (3, 4) or student_boxes.ndim != student_logits.ndim:
-        raise ValueError(
-            "student_logits and student_boxes must both be (B, Qs, ·) or both (L, B, Qs, ·), got "
-            f"{tuple(student_logits.shape)} and {tuple(student_boxes.shape)}"
-        )
-    logits_s = student_logits if student_logits.ndim == 4 else student_logits.unsqueeze(0)
-    boxes_s = student_boxes if student_boxes.ndim == 4 else student_boxes.unsqueeze(0)
+    logits_s, boxes_s = layer_stack(student_logits, student_boxes)
     num_layers, batch, num_student, num_columns = logits_s.shape
-    if boxes_s.shape != (num_layers, batch, num_student, 4):
-        raise ValueError(
-            f"student_boxes must have shape {(num_layers, batch, num_student, 4)}, got {tuple(boxes_s.shape)}"
-        )
     _check_predictions(teacher_logits, teacher_boxes, "teacher")
     if teacher_logits.shape[0] != batch or teacher_logits.shape[-1] != num_columns:
         raise ValueError(
