@@ -109,3 +109,31 @@ def test_requantize_continues_a_trained_model_at_fewer_bits(images):
     assert model.is_calibrated and model.config.bit_notation == "3-3-8"
     model.eval()
     assert torch.isfinite(model(pixel_values=images).logits).all()
+
+
+def test_per_layer_bits_export_to_onnx(tmp_path, images):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from qdetr_hf import export_onnx
+
+    fc1 = "model.encoder.layers.0.mlp.fc1"
+    config = QDetrConfig(**tiny_detr_kwargs(layer_weight_bits={fc1: 2}), integer_zero_points=True)
+    model = QDetrForObjectDetection(config).eval()
+    calibrate(model, [images])
+    export_onnx(model, tmp_path / "model.onnx", 64)
+    # The 2-bit layer's weight codes are stored in its own range [-2, 1]; the 4-bit layers use [-8, 7].
+    shape = tuple(quantized_layers(model)[fc1].weight.shape)
+    int8 = [
+        onnx.numpy_helper.to_array(t)
+        for t in onnx.load(tmp_path / "model.onnx").graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and t.dims
+    ]
+    ranges = {(int(a.min()), int(a.max())) for a in int8 if a.shape[:2] in (shape, shape[::-1])}
+    assert (-2, 1) in ranges and any(low < -2 for low, _ in ranges), ranges
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    pixel_mask = torch.ones(images.shape[0], 64, 64, dtype=torch.long)
+    logits, boxes = session.run(None, {"pixel_values": images.numpy(), "pixel_mask": pixel_mask.numpy()})
+    with torch.no_grad():
+        expected = model(pixel_values=images, pixel_mask=pixel_mask)
+    torch.testing.assert_close(torch.from_numpy(logits), expected.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(boxes), expected.pred_boxes, rtol=0, atol=1e-5)
