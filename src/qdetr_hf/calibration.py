@@ -55,19 +55,21 @@ def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
             q.enabled = was
 
 
-def _forward_batch(model: nn.Module, batch: Any) -> None:
+def detector_inputs(
+    batch: Any, device: torch.device | str, what: str = "Calibration batches"
+) -> dict[str, torch.Tensor]:
+    """The detector's inputs of a batch (a DETR collator's dict or a plain image tensor) on ``device``: only
+    ``pixel_values`` and ``pixel_mask`` are moved; a ValueError / TypeError names ``what`` for anything else."""
     if isinstance(batch, Mapping):
-        inputs = {k: v for k, v in batch.items() if k in ("pixel_values", "pixel_mask")}
-        if "pixel_values" not in inputs:
+        if "pixel_values" not in batch:
             raise ValueError(
-                f"Calibration batches must contain 'pixel_values' (got keys {sorted(batch)}); pass the batches of a "
+                f"{what} must contain 'pixel_values' (got keys {sorted(batch)}); pass the batches of a "
                 "DETR data collator or plain image tensors."
             )
-        model(**inputs)
-    elif isinstance(batch, torch.Tensor):
-        model(pixel_values=batch)
-    else:
-        raise TypeError(f"Calibration batches must be dicts or tensors, got {type(batch).__name__}.")
+        return {k: batch[k].to(device) for k in ("pixel_values", "pixel_mask") if k in batch}
+    if isinstance(batch, torch.Tensor):
+        return {"pixel_values": batch.to(device)}
+    raise TypeError(f"{what} must be dicts or tensors, got {type(batch).__name__}.")
 
 
 @torch.no_grad()
@@ -146,8 +148,7 @@ def calibrate(
             for batch in iterator:
                 if max_batches is not None and num_batches >= max_batches:
                     break
-                batch = _to_device(batch, device)
-                _forward_batch(target, batch)
+                target(**detector_inputs(batch, device))
                 images.update(batch["pixel_values"] if isinstance(batch, Mapping) else batch)
                 num_batches += 1
     finally:
@@ -248,11 +249,3 @@ def calibrate(
             stacklevel=3,  # the caller of calibrate(), past torch.no_grad's wrapper
         )
     return model
-
-
-def _to_device(batch: Any, device: torch.device | str) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    return batch

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibration import detector_inputs
 from .efficiency import MB, efficiency_report
 from .quantization import LSQWeightQuantizer, quantization_disabled, quantized_layers
 
@@ -26,14 +27,6 @@ class LayerSensitivity:
     name: str
     numel: int
     costs: dict[int, float]
-
-
-def _detector_inputs(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    if isinstance(batch, Mapping):
-        return {k: batch[k].to(device) for k in ("pixel_values", "pixel_mask") if k in batch}
-    if isinstance(batch, torch.Tensor):
-        return {"pixel_values": batch.to(device)}
-    raise TypeError(f"Batches must be dicts with 'pixel_values' or image tensors, got {type(batch).__name__}.")
 
 
 def _output_error(outputs: Any, reference: Any) -> torch.Tensor:
@@ -78,7 +71,7 @@ def layer_sensitivity(
     for i, batch in enumerate(batches):
         if i >= max_batches:
             break
-        kept.append(_detector_inputs(batch, device))
+        kept.append(detector_inputs(batch, device, "Batches"))
     if not kept:
         raise ValueError("layer_sensitivity received no batches.")
     was_training = model.training
