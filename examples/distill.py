@@ -121,6 +121,13 @@ class ModelArguments:
             "integer kernel in ONNX Runtime (main job: 8; paper: none)."
         },
     )
+    head_bits: int | None = field(
+        default=None,
+        metadata={
+            "help": "Quantize the input projection and the class/box heads at these bits (weights and inputs; both "
+            "stages of --two_stage). Paper and main job: none (real-valued, 32 bits each in the size)."
+        },
+    )
     two_stage: bool = field(
         default=False,
         metadata={"help": "Q-DETR's two-stage schedule: backbone-only quantization first, then the full model."},
@@ -408,6 +415,7 @@ def quantization_kwargs(args: ModelArguments, stage: int | None = None) -> dict[
         "distribution_alignment_init": args.distribution_alignment_init,
         "integer_zero_points": args.integer_zero_points,
         "backbone_residual_bits": args.backbone_residual_bits,
+        "head_bits": args.head_bits,
     }
     if stage is not None:
         kwargs.update(quantize_backbone=True, quantize_encoder=stage == 2, quantize_decoder=stage == 2)

@@ -462,11 +462,14 @@ def test_low_bit_remedies_from_the_command_line(tmp_path, tiny_teacher_dir, dist
     }
     assert results["method"].endswith("+ oscillation dampening + oscillation freezing, progressive from 4 bits")
 
-    results = distill.main([*base, "--output_dir", str(tmp_path / "mixed"), "--target_average_weight_bits", "3"])
+    results = distill.main(
+        [*base, "--output_dir", str(tmp_path / "mixed"), "--target_average_weight_bits", "3", "--head_bits", "8"]
+    )
     bits = results["layer_weight_bits"]
     assert bits and set(bits.values()) <= {2, 3, 4} and results["average_weight_bits"] < 4
+    assert "class_labels_classifier" in bits and "model.input_projection" in bits  # the heads take part in the choice
     model = QDetrForObjectDetection.from_pretrained(tmp_path / "mixed")
-    assert model.config.layer_weight_bits == bits
+    assert model.config.layer_weight_bits == bits and model.config.head_bits == 8
     with pytest.raises(SystemExit):
         distill.main(
             [*base, "--output_dir", str(tmp_path / "both"), "--two_stage", "true", "--progressive_from_bits", "4"]

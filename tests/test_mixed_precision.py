@@ -137,3 +137,63 @@ def test_per_layer_bits_export_to_onnx(tmp_path, images):
         expected = model(pixel_values=images, pixel_mask=pixel_mask)
     torch.testing.assert_close(torch.from_numpy(logits), expected.logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.from_numpy(boxes), expected.pred_boxes, rtol=0, atol=1e-5)
+
+
+HEADS = ("model.input_projection", "class_labels_classifier", "bbox_predictor.layers.0", "bbox_predictor.layers.2")
+
+
+def test_head_bits_quantize_the_projection_and_heads_and_shrink_the_size_by_their_share(tmp_path, images):
+    real = QDetrForObjectDetection(QDetrConfig(**tiny_detr_kwargs()))
+    assert not set(HEADS) & set(quantized_layers(real))
+    model = QDetrForObjectDetection(
+        QDetrConfig(**tiny_detr_kwargs(head_bits=8, layer_weight_bits={"class_labels_classifier": 2}))
+    )
+    layers = quantized_layers(model)
+    assert layers["model.input_projection"].weight_quantizer.bits == 8
+    assert layers["model.input_projection"].input_quantizer.bits == 8
+    assert layers["class_labels_classifier"].weight_quantizer.bits == 2  # layer_weight_bits still wins
+    assert layers["class_labels_classifier"].input_quantizer.bits == 8
+    # Paper-convention size: each head weight counts 8 (or 2) bits instead of 32; its new (real-valued) steps and
+    # offsets count 32.
+    heads = [layers[n] for n in model.head_layer_names()]
+    saved_bits = sum((32 - layer.weight_quantizer.bits) * layer.weight.numel() for layer in heads)
+    added_bits = 32 * sum(p.numel() for layer in heads for n, p in layer.named_parameters() if "_quantizer." in n)
+    expected_mb = efficiency_report(real, 64).size_mb - (saved_bits - added_bits) / 8 / 2**20
+    assert efficiency_report(model, 64).size_mb == pytest.approx(expected_mb, abs=1e-9)
+    # Trained widths survive re-quantization, packing and reloading bit for bit.
+    model.requantize(weight_bits=3, activation_bits=3)
+    assert layers["model.input_projection"].weight_quantizer.bits == 8
+    assert model.quantized_modules()["bbox_predictor.layers.0"].input_quantizer.bits == 8
+    calibrate(model, [images])
+    model.eval()
+    expected = model(pixel_values=images)
+    model.save_pretrained(tmp_path)
+    assert (
+        json.loads((tmp_path / "config.json").read_text())["weight_packing"]["layers"]["bbox_predictor.layers.1"] == 8
+    )
+    reloaded = QDetrForObjectDetection.from_pretrained(tmp_path).eval()
+    out = reloaded(pixel_values=images)
+    assert torch.equal(out.logits, expected.logits) and torch.equal(out.pred_boxes, expected.pred_boxes)
+    with pytest.raises(ValueError, match="head_bits"):
+        QDetrForObjectDetection.from_pretrained(tmp_path, head_bits=4)
+
+
+def test_head_bits_export_to_onnx_as_integer_layers(tmp_path, images):
+    ort = pytest.importorskip("onnxruntime")
+    from qdetr_hf import export_onnx
+    from qdetr_hf.onnx_export import integer_kernel_counts
+
+    model = QDetrForObjectDetection(QDetrConfig(**tiny_detr_kwargs(head_bits=8), integer_zero_points=True)).eval()
+    calibrate(model, [images])
+    report = export_onnx(model, tmp_path / "model.onnx", 64)
+    assert report.quantized_layers == len(quantized_layers(model))
+    # Without head_bits the four head linears (class, three box layers) are the graph's only float MatMuls.
+    counts = integer_kernel_counts(tmp_path / "model.onnx")
+    assert "MatMul" not in counts and "Gemm" not in counts, counts
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    pixel_mask = torch.ones(images.shape[0], 64, 64, dtype=torch.long)
+    logits, boxes = session.run(None, {"pixel_values": images.numpy(), "pixel_mask": pixel_mask.numpy()})
+    with torch.no_grad():
+        expected = model(pixel_values=images, pixel_mask=pixel_mask)
+    torch.testing.assert_close(torch.from_numpy(logits), expected.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(boxes), expected.pred_boxes, rtol=0, atol=1e-5)

@@ -78,6 +78,7 @@ def test_config_defaults_follow_the_paper():
         ("weight_bits", 3.5, Exception),  # strict dataclass type check
         ("backbone_residual_bits", 1, ValueError),
         ("backbone_residual_bits", True, Exception),
+        ("head_bits", 9, ValueError),
     ],
 )
 def test_bad_config_values_raise_naming_the_field(field, value, error):
@@ -365,6 +366,7 @@ def test_object_detection_pipeline(saved_qdetr):
         ("attention_bits", 99),
         ("softmax_quantizer_init", "unit"),
         ("backbone_residual_bits", 1),
+        ("head_bits", 0),
     ],
 )
 def test_from_pretrained_overrides_are_validated_like_the_config(detr_checkpoint, field, value):

@@ -56,12 +56,12 @@ def test_tracker_counts_code_reversals_and_freezes_at_the_average_code():
         model.fc.weight[0, 0] = -5.0  # an optimizer step moves it ...
     tracker.update()
     assert model.fc.weight[0, 0].item() == 1.0  # ... and it goes back to its frozen value
-    assert tracker.summary() == {
-        "decoder attention": {"oscillating": pytest.approx(1 / 3), "frozen": pytest.approx(1 / 3)}
-    }
+    # A layer outside backbone, encoder and decoder counts with the heads.
+    assert tracker.summary() == {"heads": {"oscillating": pytest.approx(1 / 3), "frozen": pytest.approx(1 / 3)}}
 
 
 def test_layer_groups():
     assert layer_group("model.backbone.model.layer1.0.conv1") == "backbone"
     assert layer_group("model.encoder.layers.0.mlp.fc1") == "encoder FFN"
     assert layer_group("model.decoder.layers.1.encoder_attn.q_proj") == "decoder attention"
+    assert layer_group("model.input_projection") == layer_group("bbox_predictor.layers.0") == "heads"

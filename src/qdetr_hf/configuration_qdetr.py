@@ -137,6 +137,12 @@ class QDetrConfig(DetrConfig):
             paper) leaves the residual stream real-valued, so the convolutions that feed a residual addition have no
             quantized output and ONNX Runtime runs them in float; 8 gives every backbone convolution an integer
             input and output in the exported model. Needs a timm ResNet backbone (BasicBlock / Bottleneck blocks).
+        head_bits (`int`, *optional*):
+            Weight and input bits of the layers Q-DETR keeps real-valued around the transformer: the input projection
+            (backbone features to `d_model`) and the prediction heads (class classifier, box MLP) (project option).
+            `None` (the paper) leaves them real-valued; they count 32 bits per weight in the size, which in a small
+            model is much of the quantized model's size (`benchmarks/results/low_bit.md`). `layer_weight_bits` may
+            set their weights' width per layer like any other's.
         layer_weight_bits (`dict[str, int]`, *optional*):
             Weight bits of individual quantized layers by module name (e.g. `{"model.encoder.layers.0.mlp.fc1":
             2}`), overriding `weight_bits` (and `first_conv_bits`) there: mixed precision (project option, the paper
@@ -176,6 +182,7 @@ class QDetrConfig(DetrConfig):
     softmax_quantizer_init: str = "unit_range"
     integer_zero_points: bool = False
     backbone_residual_bits: int | None = None
+    head_bits: int | None = None
     layer_weight_bits: dict | None = None
     weight_packing: dict | None = None
 
@@ -198,6 +205,8 @@ class QDetrConfig(DetrConfig):
             check_bits(getattr(self, field), f"QDetrConfig.{field}")
         if self.backbone_residual_bits is not None:
             check_bits(self.backbone_residual_bits, "QDetrConfig.backbone_residual_bits")
+        if self.head_bits is not None:
+            check_bits(self.head_bits, "QDetrConfig.head_bits")
         if self.layer_weight_bits is not None:
             if not isinstance(self.layer_weight_bits, dict) or not all(
                 isinstance(k, str) for k in self.layer_weight_bits

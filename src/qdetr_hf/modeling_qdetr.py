@@ -41,6 +41,7 @@ BIT_FIELDS = (
     "attention_bits",
     "first_conv_bits",
     "backbone_residual_bits",
+    "head_bits",
     "layer_weight_bits",
 )
 """Config fields that set bit widths: a trained Q-DETR checkpoint cannot be loaded with other values."""
@@ -89,7 +90,10 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
     * the attention score/value product by a quantized one (q, k, v and softmax output at `attention_bits`), with
       Distribution Alignment on the decoder queries chosen by `distribution_alignment`.
 
-    LayerNorms, (frozen) BatchNorms, the input projection, query embeddings and the class/box heads stay real-valued.
+    * with `head_bits` set, the input projection and the class/box heads too (weights and inputs at `head_bits`).
+
+    LayerNorms, (frozen) BatchNorms and query embeddings stay real-valued; so do the input projection and the heads
+    unless `head_bits` is set (the paper keeps them real-valued).
 
     Converting a real-valued DETR checkpoint is one call; every real weight is loaded and every weight step is set to
     its LSQ init computed from the loaded weights:
@@ -204,6 +208,15 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
                     layer.encoder_attn, f"{prefix}.encoder_attn", align=config.aligns_cross_attention, **offset_kwargs
                 )
                 self._quantize_mlp(layer.mlp, f"{prefix}.mlp", **offset_kwargs)
+        if config.head_bits is not None:
+            for name in self.head_layer_names():
+                parent_name, _, attr = name.rpartition(".")
+                self._quantize_layer(self.get_submodule(parent_name), attr, name, offset_kwargs, config.head_bits)
+
+    def head_layer_names(self) -> list[str]:
+        """Module names of the input projection and the prediction heads' layers (what `head_bits` quantizes)."""
+        box_layers = [f"bbox_predictor.layers.{i}" for i in range(len(self.bbox_predictor.layers))]
+        return ["model.input_projection", "class_labels_classifier", *box_layers]
 
     def _quantize_backbone(self, offset_kwargs: dict) -> None:
         backbone = self.model.backbone.model
@@ -272,21 +285,23 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
             )
 
     def _quantize_linear(self, parent: nn.Module, attr: str, name: str, offset_kwargs: dict) -> None:
+        self._quantize_layer(parent, attr, name, offset_kwargs, None)
+
+    def _quantize_layer(self, parent: nn.Module, attr: str, name: str, offset_kwargs: dict, bits: int | None) -> None:
+        """Replace ``parent.attr`` (an nn.Linear or nn.Conv2d) by its quantized version: weights at ``bits`` (or
+        ``weight_bits``) unless ``layer_weight_bits`` names it, inputs at ``bits`` (or ``activation_bits``)."""
         layer = getattr(parent, attr)
-        if isinstance(layer, QuantLinear):
+        if isinstance(layer, (QuantLinear, QuantConv2d)):
             return
-        setattr(
-            parent,
-            attr,
-            QuantLinear.from_float(
-                layer,
-                weight_bits=self._weight_bits(name, self.config.weight_bits),
-                activation_bits=self.config.activation_bits,
-                weight_init=self.config.weight_step_init,
-                name=name,
-                **offset_kwargs,
-            ),
+        quantized = (QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear).from_float(
+            layer,
+            weight_bits=self._weight_bits(name, bits or self.config.weight_bits),
+            activation_bits=bits or self.config.activation_bits,
+            weight_init=self.config.weight_step_init,
+            name=name,
+            **offset_kwargs,
         )
+        setattr(parent, attr, quantized)
 
     def _quantize_attention(
         self, attention: DetrSelfAttention | DetrCrossAttention, name: str, align: bool, **offset_kwargs
@@ -388,7 +403,8 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
         Every weight quantizer whose width changes gets a new step, initialised from the layer's current weights
         (``config.weight_step_init``); every activation quantizer whose width changes is reset and must be calibrated
         again (`qdetr_hf.calibrate(model, batches, only_uncalibrated=True)`; the distillation Trainer does it). The
-        first convolution keeps ``first_conv_bits`` and attention keeps ``attention_bits``. New quantizer parameters
+        first convolution keeps ``first_conv_bits``, the input projection and heads ``head_bits`` and attention
+        ``attention_bits`` (``layer_weight_bits`` still sets any layer's weights). New quantizer parameters
         replace the old ones: build the optimizer after calling this. Returns the names of the changed quantizers.
 
         Args:
@@ -407,16 +423,18 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
         config.validate_quantization()
         self._check_layer_weight_bits()
         first = next(iter(quantized_layers(self.model.backbone))) if config.quantize_backbone else None
+        fixed = {f"model.backbone.{first}": config.first_conv_bits} if first is not None else {}
+        if config.head_bits is not None:
+            fixed.update(dict.fromkeys(self.head_layer_names(), config.head_bits))
         for name, layer in quantized_layers(self).items():
-            is_first = first is not None and name == f"model.backbone.{first}"
-            wanted = config.first_conv_bits if is_first else self._weight_bits(name, config.weight_bits)
+            wanted = self._weight_bits(name, fixed.get(name, config.weight_bits))
             old = layer.weight_quantizer
             if old.bits != wanted:
                 new = LSQWeightQuantizer(layer.weight.shape[0], wanted, layer.weight.dim(), init=old.init)
                 layer.weight_quantizer = new.to(layer.weight.device)
                 layer.weight_quantizer.initialize_from(layer.weight)
                 changed.append(f"{name}.weight_quantizer")
-            wanted = config.first_conv_bits if is_first else config.activation_bits
+            wanted = fixed.get(name, config.activation_bits)
             quantizer = layer.input_quantizer
             if quantizer.bits != wanted:
                 replacement = LSQActivationQuantizer(

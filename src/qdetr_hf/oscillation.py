@@ -152,9 +152,11 @@ class OscillationTracker(TrainerCallback):
 
 def layer_group(name: str) -> str:
     """The group of a quantized layer for per-group reports: ``backbone``, ``encoder attention``, ``encoder FFN``,
-    ``decoder attention``, ``decoder FFN``."""
+    ``decoder attention``, ``decoder FFN``, ``heads`` (the input projection and prediction heads, `head_bits`)."""
     if ".backbone." in f".{name}":
         return "backbone"
+    if ".encoder." not in name and ".decoder." not in name:
+        return "heads"
     part = "encoder" if ".encoder." in name else "decoder"
     return f"{part} {'FFN' if '.mlp.' in name else 'attention'}"
 
