@@ -15,6 +15,7 @@ Two parts, both writing to benchmarks/results/low_bit.{json,md} (rows are kept w
     python benchmarks/low_bit.py --part ablation
     python benchmarks/low_bit.py --part runs --steps 1600              # the main job's budget on the 2-core machine
     python benchmarks/low_bit.py --part runs --steps 6400 --rows 3-3-8  # 4x that budget, one row
+    python benchmarks/low_bit.py --part runs --minutes 12 --rows "3-3-8, KD-DETR"  # the main job's time budget
 """
 
 from __future__ import annotations
@@ -65,6 +66,17 @@ ROWS: dict[str, list[str]] = {
     "mixed precision at the 2-2-8 size, 8-bit heads, 4-bit activations": [
         "--weight_bits", "2", "--activation_bits", "4", "--head_bits", "8", "--target_size_mb", "2-2-8",
         "--mixed_precision_candidates", "2", "3", "4", "8",
+    ],
+    # KD-DETR's steps cost about 1.45x DRD's (benchmarks/results/speed.md): compare it under a time budget (--minutes).
+    "3-3-8, KD-DETR": ["--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr"],
+    "2-2-8, KD-DETR": ["--weight_bits", "2", "--activation_bits", "2", "--distillation", "kd_detr"],
+    "mixed precision at the 2-2-8 size, 8-bit heads, 3-bit activations, KD-DETR": [
+        "--weight_bits", "2", "--activation_bits", "3", "--head_bits", "8", "--target_size_mb", "2-2-8",
+        "--mixed_precision_candidates", "2", "3", "4", "8", "--distillation", "kd_detr",
+    ],
+    "mixed precision at the 2-2-8 size, 8-bit heads, 4-bit activations, KD-DETR": [
+        "--weight_bits", "2", "--activation_bits", "4", "--head_bits", "8", "--target_size_mb", "2-2-8",
+        "--mixed_precision_candidates", "2", "3", "4", "8", "--distillation", "kd_detr",
     ],
 }  # fmt: skip
 
@@ -165,8 +177,9 @@ def size_of(bits: str) -> float:
 
 def run_rows(args, results: dict[str, Any]) -> None:
     rows = results.setdefault("runs", {})
+    budget = f"{args.minutes:g} min" if args.minutes else f"{args.steps} steps"
     for name in args.rows:
-        key = f"{name} @ {args.steps} steps"
+        key = f"{name} @ {budget}"
         if key in rows:
             print(f"{key}: done", flush=True)
             continue
@@ -174,11 +187,13 @@ def run_rows(args, results: dict[str, Any]) -> None:
         if "--target_size_mb" in extra:  # a size named by the uniform model it matches
             index = extra.index("--target_size_mb") + 1
             extra[index] = f"{size_of(extra[index]):.6f}"
-        output = WORK / f"{name.replace(' ', '_').replace(',', '')}-{args.steps}"
+        output = WORK / f"{name.replace(' ', '_').replace(',', '')}-{budget.replace(' ', '')}"
+        # A time budget is the main job's: 3,000 steps under the limit, the schedule fitted to the steps it allows.
+        limit = ["--max_train_minutes", f"{args.minutes:g}"] if args.minutes else []
         command = [
             sys.executable, str(ROOT / "examples" / "distill.py"), "--output_dir", str(output),
-            "--max_steps", str(args.steps), "--export_onnx", "false", "--overwrite_output_dir", "true",
-            *MAIN_JOB_STUDENT, *extra,
+            "--max_steps", str(3000 if args.minutes else args.steps), *limit, "--export_onnx", "false",
+            "--overwrite_output_dir", "true", *MAIN_JOB_STUDENT, *extra,
         ]  # fmt: skip
         started = time.time()
         subprocess.run(command, check=True)
@@ -266,6 +281,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--trained", nargs="*", default=[], help="Ablation: trained student folders.")
     parser.add_argument("--num_eval_images", type=int, default=200)
     parser.add_argument("--steps", type=int, default=1600, help="Runs: the training budget of every row.")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="Runs: a training-time budget instead (the main job's: 3,000 steps under this limit); rows keep the "
+        "machine to themselves.",
+    )
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     args = parser.parse_args(argv)
     path = RESULTS / "low_bit.json"
