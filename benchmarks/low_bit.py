@@ -37,35 +37,45 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / "work" / "low_bit"
 GROUPS = ("stem", "backbone", "encoder attention", "encoder FFN", "decoder attention", "decoder FFN")
 MAIN_JOB_STUDENT = ["--integer_zero_points", "true", "--backbone_residual_bits", "8"]
+QUICK_RUN = [
+    "--num_train_images", "16", "--num_eval_images", "4", "--per_device_train_batch_size", "2",
+    "--per_device_eval_batch_size", "2", "--calibration_batches", "1", "--num_visualized", "1", "--save_steps", "2",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+# Every row names its distillation method: below 4 bits examples/distill.py picks its own (LOW_BIT_DEFAULTS).
 ROWS: dict[str, list[str]] = {
-    "3-3-8": ["--weight_bits", "3", "--activation_bits", "3"],
-    "3-3-8, progressive from 4": ["--weight_bits", "3", "--activation_bits", "3", "--progressive_from_bits", "4"],
+    "3-3-8": ["--weight_bits", "3", "--activation_bits", "3", "--distillation", "drd"],
+    "3-3-8, progressive from 4": [
+        "--weight_bits", "3", "--activation_bits", "3", "--progressive_from_bits", "4", "--distillation", "drd",
+    ],
     "3-3-8, oscillation dampening + freezing": [
         "--weight_bits", "3", "--activation_bits", "3",
-        "--oscillation_dampening", "0.5", "--oscillation_freeze_threshold", "0.02",
+        "--oscillation_dampening", "0.5", "--oscillation_freeze_threshold", "0.02", "--distillation", "drd",
     ],
-    "2-2-8": ["--weight_bits", "2", "--activation_bits", "2"],
-    "2-2-8, progressive from 4": ["--weight_bits", "2", "--activation_bits", "2", "--progressive_from_bits", "4"],
+    "2-2-8": ["--weight_bits", "2", "--activation_bits", "2", "--distillation", "drd"],
+    "2-2-8, progressive from 4": [
+        "--weight_bits", "2", "--activation_bits", "2", "--progressive_from_bits", "4", "--distillation", "drd",
+    ],
     "2-2-8, progressive + dampening + freezing": [
         "--weight_bits", "2", "--activation_bits", "2", "--progressive_from_bits", "4",
-        "--oscillation_dampening", "0.5", "--oscillation_freeze_threshold", "0.02",
+        "--oscillation_dampening", "0.5", "--oscillation_freeze_threshold", "0.02", "--distillation", "drd",
     ],
     "mixed precision at the 3-3-8 size, 3-bit activations": [
-        "--weight_bits", "3", "--activation_bits", "3", "--target_size_mb", "3-3-8",
+        "--weight_bits", "3", "--activation_bits", "3", "--target_size_mb", "3-3-8", "--distillation", "drd",
     ],
     # With the input projection and heads quantized too (--head_bits), the size they held at 32 bits per weight goes
     # to the other layers. Without it a 2-2-8-sized model has no room: 2 bits is the narrowest width.
     "mixed precision at the 3-3-8 size, 8-bit heads, 3-bit activations": [
         "--weight_bits", "3", "--activation_bits", "3", "--head_bits", "8", "--target_size_mb", "3-3-8",
-        "--mixed_precision_candidates", "2", "3", "4", "8",
+        "--mixed_precision_candidates", "2", "3", "4", "8", "--distillation", "drd",
     ],
     "mixed precision at the 2-2-8 size, 8-bit heads, 3-bit activations": [
         "--weight_bits", "2", "--activation_bits", "3", "--head_bits", "8", "--target_size_mb", "2-2-8",
-        "--mixed_precision_candidates", "2", "3", "4", "8",
+        "--mixed_precision_candidates", "2", "3", "4", "8", "--distillation", "drd",
     ],
     "mixed precision at the 2-2-8 size, 8-bit heads, 4-bit activations": [
         "--weight_bits", "2", "--activation_bits", "4", "--head_bits", "8", "--target_size_mb", "2-2-8",
-        "--mixed_precision_candidates", "2", "3", "4", "8",
+        "--mixed_precision_candidates", "2", "3", "4", "8", "--distillation", "drd",
     ],
     # KD-DETR's steps cost about 1.45x DRD's (benchmarks/results/speed.md): compare it under a time budget (--minutes).
     "3-3-8, KD-DETR": ["--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr"],
@@ -87,11 +97,11 @@ def group_of(name: str, first_layer: str) -> str:
     return "stem" if name.startswith(first_layer) else layer_group(name)
 
 
-def _val(num_images: int):
+def _val(num_images: int, image_size: int):
     from qdetr_hf.data import DetrCollator, SyntheticShapesDataset, default_image_processor
 
-    collator = DetrCollator(default_image_processor(128))
-    return SyntheticShapesDataset(num_images=num_images, image_size=128, seed=1_000_000), collator
+    collator = DetrCollator(default_image_processor(image_size))
+    return SyntheticShapesDataset(num_images=num_images, image_size=image_size, seed=1_000_000), collator
 
 
 @torch.no_grad()
@@ -141,14 +151,15 @@ def run_ablation(args, results: dict[str, Any]) -> None:
     from qdetr_hf import QDetrForObjectDetection, calibrate
     from qdetr_hf.data import SyntheticShapesDataset
 
-    dataset, collator = _val(args.num_eval_images)
-    train = SyntheticShapesDataset(num_images=32, image_size=128, seed=0)
-    batches = [collator([train[i] for i in range(j, j + 8)]) for j in range(0, 32, 8)]
+    dataset, collator = _val(args.num_eval_images, args.image_size)
+    num_images = 8 if args.quick else 32
+    train = SyntheticShapesDataset(num_images=num_images, image_size=args.image_size, seed=0)
+    batches = [collator([train[i] for i in range(j, j + 8)]) for j in range(0, num_images, 8)]
     table = results.setdefault("ablation", {})
     for bits in args.bits:
         name = f"{bits}-{bits}-8, calibrated, untrained"
         model = QDetrForObjectDetection.from_pretrained(
-            TEACHER,
+            args.teacher,
             weight_bits=bits,
             activation_bits=bits,
             weight_step_init="mse",
@@ -165,14 +176,14 @@ def run_ablation(args, results: dict[str, Any]) -> None:
         table[f"{model.config.bit_notation}, trained ({Path(folder).name})"] = ablation(model, dataset, collator)
 
 
-def size_of(bits: str) -> float:
-    """The paper-convention size (MB) of the main job's student at uniform ``bits`` (e.g. "3-3-8")."""
+def size_of(bits: str, teacher: str | Path = TEACHER, image_size: int = 128) -> float:
+    """The paper-convention size (MB) of the main job's student of ``teacher`` at uniform ``bits`` (e.g. "3-3-8")."""
     from qdetr_hf import QDetrForObjectDetection
     from qdetr_hf.efficiency import efficiency_report
 
     w, a, _ = (int(b) for b in bits.split("-"))
-    model = QDetrForObjectDetection.from_pretrained(TEACHER, weight_bits=w, activation_bits=a, backbone_residual_bits=8)
-    return efficiency_report(model, 128).size_mb
+    model = QDetrForObjectDetection.from_pretrained(teacher, weight_bits=w, activation_bits=a, backbone_residual_bits=8)
+    return efficiency_report(model, image_size).size_mb
 
 
 def run_rows(args, results: dict[str, Any]) -> None:
@@ -186,14 +197,15 @@ def run_rows(args, results: dict[str, Any]) -> None:
         extra = list(ROWS[name])
         if "--target_size_mb" in extra:  # a size named by the uniform model it matches
             index = extra.index("--target_size_mb") + 1
-            extra[index] = f"{size_of(extra[index]):.6f}"
-        output = WORK / f"{name.replace(' ', '_').replace(',', '')}-{budget.replace(' ', '')}"
+            extra[index] = f"{size_of(extra[index], args.teacher, args.image_size):.6f}"
+        output = Path(args.work_dir) / f"{name.replace(' ', '_').replace(',', '')}-{budget.replace(' ', '')}"
         # A time budget is the main job's: 3,000 steps under the limit, the schedule fitted to the steps it allows.
         limit = ["--max_train_minutes", f"{args.minutes:g}"] if args.minutes else []
         command = [
             sys.executable, str(ROOT / "examples" / "distill.py"), "--output_dir", str(output),
             "--max_steps", str(3000 if args.minutes else args.steps), *limit, "--export_onnx", "false",
-            "--overwrite_output_dir", "true", *MAIN_JOB_STUDENT, *extra,
+            "--overwrite_output_dir", "true", "--teacher_model_name_or_path", str(args.teacher),
+            "--image_size", str(args.image_size), *(QUICK_RUN if args.quick else []), *MAIN_JOB_STUDENT, *extra,
         ]  # fmt: skip
         started = time.time()
         subprocess.run(command, check=True)
@@ -213,13 +225,19 @@ def run_rows(args, results: dict[str, Any]) -> None:
             "weight_step_change": run["weight_step_change"],
             "wall_time_s": time.time() - started,
         }
-        save(results)
+        save(results, args.output_dir)
 
 
-def save(results: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "low_bit.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / "low_bit.md").write_text(to_markdown(results))
+def save(results: dict[str, Any], output_dir: str | Path) -> None:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "low_bit.json").write_text(json.dumps(results, indent=2))
+    (output_dir / "low_bit.md").write_text(to_markdown(results))
+
+
+def share_of_teacher(row: dict[str, Any]) -> str:
+    """A row's AP as a share of its teacher's ("n/a" for a teacher at 0 AP, such as a test's untrained one)."""
+    return f"{100 * row['AP'] / row['teacher_AP']:.0f}%" if row["teacher_AP"] > 0 else "n/a"
 
 
 def to_markdown(results: dict[str, Any]) -> str:
@@ -262,7 +280,7 @@ def to_markdown(results: dict[str, Any]) -> str:
             osc, steps = row["oscillation"], row["weight_step_change"]
             groups = ("backbone", "encoder attention", "decoder attention")
             lines.append(
-                f"| {name} | {row['steps']} | {100 * row['AP']:.1f} ({100 * row['AP'] / row['teacher_AP']:.0f}%) | "
+                f"| {name} | {row['steps']} | {100 * row['AP']:.1f} ({share_of_teacher(row)}) | "
                 f"{100 * row['AP50']:.1f} | {100 * row['untrained_AP']:.1f} | {row['size_mb']:.2f} | "
                 f"{row['average_weight_bits']:.2f} | "
                 + " / ".join(f"{100 * osc.get(g, {}).get('oscillating', 0):.1f}%" for g in groups)
@@ -288,9 +306,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="Runs: a training-time budget instead (the main job's: 3,000 steps under this limit); rows keep the "
         "machine to themselves.",
     )
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument(
+        "--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW", help=f"Runs: any of {list(ROWS)}."
+    )
+    parser.add_argument("--teacher", default=str(TEACHER), help="Real-valued teacher (the main job's by default).")
+    parser.add_argument("--image_size", type=int, default=128)
+    parser.add_argument("--output_dir", default=str(RESULTS), help="Where low_bit.{json,md} are written.")
+    parser.add_argument("--work_dir", default=str(WORK), help="Where the rows' training runs are written.")
+    parser.add_argument("--quick", action="store_true", help="A few images and steps per row (smoke test).")
     args = parser.parse_args(argv)
-    path = RESULTS / "low_bit.json"
+    if args.quick:
+        args.num_eval_images, args.steps = min(args.num_eval_images, 8), min(args.steps, 2)
+    path = Path(args.output_dir) / "low_bit.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     results["machine"] = {
         "cpu": platform.processor() or platform.machine(),
@@ -301,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_ablation(args, results)
     else:
         run_rows(args, results)
-    save(results)
+    save(results, args.output_dir)
     print(to_markdown(results))
     return results
 

@@ -84,7 +84,10 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Student initialisation (real-valued DETR or Q-DETR). Default: the teacher."}
     )
-    weight_bits: int = field(default=4, metadata={"help": "Weight bits (2-8)."})
+    weight_bits: int = field(
+        default=4,
+        metadata={"help": "Weight bits (2-8). Below 4 bits the main job's recipe changes too (LOW_BIT_DEFAULTS)."},
+    )
     activation_bits: int = field(default=4, metadata={"help": "Activation bits (2-8)."})
     attention_bits: int = field(default=8, metadata={"help": "q/k/v/softmax bits (paper: 8)."})
     first_conv_bits: int = field(default=8, metadata={"help": "Bits of the backbone's first convolution."})
@@ -269,7 +272,9 @@ tuned for a 15-minute job on a 2-core CPU (the README's "Main job" section has t
 long GPU runs they use batch 8, learning rate 6e-4 (paper: 1e-4) and 3,000 steps with a 12-minute training limit,
 MSE-searched weight and activation steps, the DA affine fitted at calibration, and two deployment options (integer zero
 points, an 8-bit residual stream). On other data start from the paper's --learning_rate 1e-4, set --max_steps for your
-budget (it drops the time limit), and keep the best checkpoint by AP (the main job evaluates every --eval_steps)."""
+budget (it drops the time limit), and keep the best checkpoint by AP (the main job evaluates every --eval_steps).
+Below 4 bits the best recipe measured at that width replaces parts of it (3 bits: KD-DETR distillation; README "Below
+4 bits"); options on the command line still win."""
 
 # Each value below was measured on the synthetic data (README "Main job"); every one can be overridden. A command line
 # that sets its own --max_steps drops the training time limit unless it sets --max_train_minutes too
@@ -300,12 +305,28 @@ MAIN_JOB_DEFAULTS = [
     "--dataloader_num_workers", "0",
 ]  # fmt: skip
 
+LOW_BIT_DEFAULTS: dict[int, list[str]] = {
+    3: ["--distillation", "kd_detr"],
+}  # fmt: skip
+"""Per ``--weight_bits``, what replaces the main job's options for a student below 4 bits: the best recipe measured at
+that width within the main job's time (benchmarks/results/low_bit.md, README "Below 4 bits")."""
+
+
+def _value(argv: list[str], flag: str) -> str | None:
+    """The last value ``argv`` gives ``flag`` (``--max_steps``) in any spelling HfArgumentParser accepts
+    (``--max-steps N``, ``--max_steps=N``); ``None`` if it is not set (``""`` if set without a value)."""
+    name = flag.lstrip("-").replace("-", "_")
+    found = None
+    for i, arg in enumerate(argv):
+        key, equals, value = arg[2:].partition("=")
+        if arg.startswith("--") and key.replace("-", "_") == name:
+            found = value if equals else (argv[i + 1] if i + 1 < len(argv) else "")
+    return found
+
 
 def _sets(argv: list[str], flag: str) -> bool:
-    """Whether ``argv`` sets ``flag`` (``--max_steps``), in any spelling HfArgumentParser accepts (``--max-steps``,
-    ``--max_steps=N``)."""
-    name = flag.lstrip("-").replace("-", "_")
-    return any(arg.startswith("--") and arg[2:].split("=", 1)[0].replace("-", "_") == name for arg in argv)
+    """Whether ``argv`` sets ``flag`` (``--max_steps``), in any spelling HfArgumentParser accepts."""
+    return _value(argv, flag) is not None
 
 
 def aligned_evaluation(user_argv: list[str]) -> list[str]:
@@ -314,11 +335,14 @@ def aligned_evaluation(user_argv: list[str]) -> list[str]:
     to fall on evaluations)."""
     if not _sets(user_argv, "--save_steps") or _sets(user_argv, "--eval_steps"):
         return []
-    for i, arg in enumerate(user_argv):
-        name, _, value = arg[2:].partition("=")
-        if arg.startswith("--") and name.replace("-", "_") == "save_steps":
-            return ["--eval_steps", value or user_argv[i + 1]]
-    return []
+    return ["--eval_steps", _value(user_argv, "--save_steps")]
+
+
+def bit_width_defaults(user_argv: list[str]) -> list[str]:
+    """The main job's options for the weight width the command line asks for (:data:`LOW_BIT_DEFAULTS`); options the
+    command line sets itself win, since they come after these."""
+    value = _value(user_argv, "--weight_bits")
+    return list(LOW_BIT_DEFAULTS.get(int(value), [])) if value and value.isdigit() else []
 
 
 def run_time_limit(user_argv: list[str], max_train_minutes: float | None) -> float | None:
@@ -657,8 +681,9 @@ def run_first_stage(stage_args, training_args, train, **kwargs) -> QDetrDistilla
     return trainer
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = HfArgumentParser(
+def build_parser() -> HfArgumentParser:
+    """The command line: every argument dataclass of this script, with the main job's defaults in the epilog."""
+    return HfArgumentParser(
         (
             ModelArguments,
             LowBitArguments,
@@ -670,11 +695,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=__doc__.split("\n\n")[0],
         epilog=TUNED_DEFAULTS_NOTE,
     )
-    user_argv = sys.argv[1:] if argv is None else list(argv)
-    model_args, low_bit_args, distill_args, data_args, deploy_args, training_args = parser.parse_args_into_dataclasses(
-        MAIN_JOB_DEFAULTS + aligned_evaluation(user_argv) + user_argv
+
+
+def parse_arguments(parser: HfArgumentParser, user_argv: list[str]) -> tuple:
+    """The argument dataclasses of ``user_argv`` on top of the main job's defaults (:data:`MAIN_JOB_DEFAULTS`, then
+    :data:`LOW_BIT_DEFAULTS` for the weight width asked for); the command line's own options win."""
+    parsed = parser.parse_args_into_dataclasses(
+        MAIN_JOB_DEFAULTS + bit_width_defaults(user_argv) + aligned_evaluation(user_argv) + user_argv
     )
+    training_args = parsed[-1]
     training_args.max_train_minutes = run_time_limit(user_argv, training_args.max_train_minutes)
+    return parsed
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
+    user_argv = sys.argv[1:] if argv is None else list(argv)
+    model_args, low_bit_args, distill_args, data_args, deploy_args, training_args = parse_arguments(parser, user_argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not training_args.should_log:
         logging.getLogger().setLevel(logging.WARNING)

@@ -99,3 +99,21 @@ def test_deploy_quick_mode(tmp_path):
     assert "zero_points" not in results  # no trained student given
     text = (tmp_path / "deploy.md").read_text()
     assert "ONNX Runtime integer 4-4-8" in text and "What ONNX Runtime runs" in text
+
+
+@pytest.mark.slow
+def test_low_bit_quick_mode(tmp_path, tiny_teacher_dir):
+    low_bit = _load("low_bit")
+    common = ["--quick", "--teacher", str(tiny_teacher_dir), "--image_size", "64"]
+    common += ["--output_dir", str(tmp_path / "results"), "--work_dir", str(tmp_path / "work")]
+    results = low_bit.main(["--part", "ablation", "--bits", "2", *common])
+    row = results["ablation"]["2-2-8, calibrated, untrained"]
+    assert set(low_bit.GROUPS) <= set(row) and all(0 <= row[g]["both"] <= 1 for g in low_bit.GROUPS)
+    mixed = "mixed precision at the 2-2-8 size, 8-bit heads, 4-bit activations"
+    results = low_bit.main(["--part", "runs", "--rows", "2-2-8", mixed, *common])
+    assert set(results["ablation"]) == {"2-2-8, calibrated, untrained"}  # the earlier part's rows are kept
+    uniform, chosen = results["runs"]["2-2-8 @ 2 steps"], results["runs"][f"{mixed} @ 2 steps"]
+    assert uniform["steps"] == chosen["steps"] == 2
+    # The mixed model fits the uniform 2-bit model's size and, with its heads at 8 bits, spends the room on wider layers.
+    assert chosen["size_mb"] <= uniform["size_mb"] + 1e-9 and chosen["average_weight_bits"] > 2
+    assert f"| {mixed} @ 2 steps |" in (tmp_path / "results" / "low_bit.md").read_text()

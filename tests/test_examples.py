@@ -178,6 +178,25 @@ def test_the_main_jobs_time_limit_gives_way_to_an_explicit_step_budget(distill):
     assert distill.run_time_limit(["--max_steps", "6000", "--max_train_minutes", "30"], 30.0) == 30.0
 
 
+def test_a_low_bit_width_brings_its_own_defaults_and_the_command_line_still_wins(distill):
+    parser = distill.build_parser()
+
+    def parsed(*argv):
+        model_args, _, distill_args, _, _, training_args = distill.parse_arguments(parser, list(argv))
+        return model_args, distill_args, training_args
+
+    assert parsed()[1].distillation == "drd"  # the main job (4 bits)
+    assert 3 in distill.LOW_BIT_DEFAULTS
+    for bits in distill.LOW_BIT_DEFAULTS:
+        model_args, distill_args, training_args = parsed("--weight_bits", str(bits), "--activation_bits", str(bits))
+        expected = dict(zip(distill.LOW_BIT_DEFAULTS[bits][::2], distill.LOW_BIT_DEFAULTS[bits][1::2], strict=True))
+        assert distill_args.distillation == expected["--distillation"] and model_args.weight_bits == bits
+        assert training_args.max_train_minutes == 12  # still the main job's time budget
+    assert parsed("--weight-bits=3")[1].distillation == distill.LOW_BIT_DEFAULTS[3][1]  # any spelling
+    assert parsed("--weight_bits", "3", "--distillation", "drd")[1].distillation == "drd"
+    assert parsed("--distillation", "qskd", "--weight_bits", "3")[1].distillation == "qskd"
+
+
 @pytest.mark.slow
 def test_two_stages_share_the_time_limit(tmp_path, tiny_teacher_dir, distill):
     output_dir = tmp_path / "two-stage-limited"
