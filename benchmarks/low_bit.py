@@ -272,6 +272,9 @@ def to_markdown(results: dict[str, Any]) -> str:
         lines += [
             "## Recipes at equal budgets",
             "",
+            "Rows that name no method distil with DRD (the main job's). `@ N steps`: a step budget; `@ 12 min`: the "
+            "main job's time limit (the steps column says how many it allowed). Calibrated start: the AP before training.",
+            "",
             "| row | steps | AP (% of teacher) | AP50 | calibrated start | size MB | avg weight bits | oscillating weights "
             "(backbone / enc. attn / dec. attn) | median step change (backbone / enc. attn / dec. attn) |",
             "|---|---|---|---|---|---|---|---|---|",

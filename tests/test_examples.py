@@ -186,7 +186,7 @@ def test_a_low_bit_width_brings_its_own_defaults_and_the_command_line_still_wins
         return model_args, distill_args, training_args
 
     assert parsed()[1].distillation == "drd"  # the main job (4 bits)
-    assert 3 in distill.LOW_BIT_DEFAULTS
+    assert set(distill.LOW_BIT_DEFAULTS) == {2, 3}
     for bits in distill.LOW_BIT_DEFAULTS:
         model_args, distill_args, training_args = parsed("--weight_bits", str(bits), "--activation_bits", str(bits))
         expected = dict(zip(distill.LOW_BIT_DEFAULTS[bits][::2], distill.LOW_BIT_DEFAULTS[bits][1::2], strict=True))

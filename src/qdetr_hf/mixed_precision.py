@@ -129,7 +129,8 @@ def allocate_bits(sensitivities: Sequence[LayerSensitivity], budget_bits: float)
     if narrowest > budget_bits:
         raise ValueError(
             f"No choice fits: every layer at its narrowest width needs {narrowest:.0f} weight bits, the budget is "
-            f"{budget_bits:.0f}."
+            f"{budget_bits:.0f}. Raise the budget, add a narrower candidate width, or quantize more of the model "
+            "(QDetrConfig.head_bits: the input projection and heads count 32 bits per weight while real-valued)."
         )
     while total() > budget_bits:
         best = None
