@@ -42,6 +42,16 @@ QUICK_RUN = [
     "--per_device_eval_batch_size", "2", "--calibration_batches", "1", "--num_visualized", "1", "--save_steps", "2",
     "--disable_tqdm", "true",
 ]  # fmt: skip
+
+
+def mixed(size: str, activation_bits: int, method: str) -> list[str]:
+    """A mixed-precision row: weight widths chosen for the uniform ``size`` model's size (e.g. "2-2-8"), 8-bit heads."""
+    return [
+        "--weight_bits", size[0], "--activation_bits", str(activation_bits), "--head_bits", "8",
+        "--target_size_mb", size, "--mixed_precision_candidates", "2", "3", "4", "8", "--distillation", method,
+    ]  # fmt: skip
+
+
 # Every row names its distillation method: below 4 bits examples/distill.py picks its own (LOW_BIT_DEFAULTS).
 ROWS: dict[str, list[str]] = {
     "3-3-8": ["--weight_bits", "3", "--activation_bits", "3", "--distillation", "drd"],
@@ -65,29 +75,14 @@ ROWS: dict[str, list[str]] = {
     ],
     # With the input projection and heads quantized too (--head_bits), the size they held at 32 bits per weight goes
     # to the other layers. Without it a 2-2-8-sized model has no room: 2 bits is the narrowest width.
-    "mixed precision at the 3-3-8 size, 8-bit heads, 3-bit activations": [
-        "--weight_bits", "3", "--activation_bits", "3", "--head_bits", "8", "--target_size_mb", "3-3-8",
-        "--mixed_precision_candidates", "2", "3", "4", "8", "--distillation", "drd",
-    ],
-    "mixed precision at the 2-2-8 size, 8-bit heads, 3-bit activations": [
-        "--weight_bits", "2", "--activation_bits", "3", "--head_bits", "8", "--target_size_mb", "2-2-8",
-        "--mixed_precision_candidates", "2", "3", "4", "8", "--distillation", "drd",
-    ],
-    "mixed precision at the 2-2-8 size, 8-bit heads, 4-bit activations": [
-        "--weight_bits", "2", "--activation_bits", "4", "--head_bits", "8", "--target_size_mb", "2-2-8",
-        "--mixed_precision_candidates", "2", "3", "4", "8", "--distillation", "drd",
-    ],
+    "mixed precision at the 3-3-8 size, 8-bit heads, 3-bit activations": mixed("3-3-8", 3, "drd"),
+    "mixed precision at the 2-2-8 size, 8-bit heads, 3-bit activations": mixed("2-2-8", 3, "drd"),
+    "mixed precision at the 2-2-8 size, 8-bit heads, 4-bit activations": mixed("2-2-8", 4, "drd"),
     # KD-DETR's steps cost about 1.45x DRD's (benchmarks/results/speed.md): compare it under a time budget (--minutes).
     "3-3-8, KD-DETR": ["--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr"],
     "2-2-8, KD-DETR": ["--weight_bits", "2", "--activation_bits", "2", "--distillation", "kd_detr"],
-    "mixed precision at the 2-2-8 size, 8-bit heads, 3-bit activations, KD-DETR": [
-        "--weight_bits", "2", "--activation_bits", "3", "--head_bits", "8", "--target_size_mb", "2-2-8",
-        "--mixed_precision_candidates", "2", "3", "4", "8", "--distillation", "kd_detr",
-    ],
-    "mixed precision at the 2-2-8 size, 8-bit heads, 4-bit activations, KD-DETR": [
-        "--weight_bits", "2", "--activation_bits", "4", "--head_bits", "8", "--target_size_mb", "2-2-8",
-        "--mixed_precision_candidates", "2", "3", "4", "8", "--distillation", "kd_detr",
-    ],
+    "mixed precision at the 2-2-8 size, 8-bit heads, 3-bit activations, KD-DETR": mixed("2-2-8", 3, "kd_detr"),
+    "mixed precision at the 2-2-8 size, 8-bit heads, 4-bit activations, KD-DETR": mixed("2-2-8", 4, "kd_detr"),
 }  # fmt: skip
 
 

@@ -111,9 +111,22 @@ def test_requantize_continues_a_trained_model_at_fewer_bits(images):
     assert torch.isfinite(model(pixel_values=images).logits).all()
 
 
+def assert_onnx_runtime_matches(path, model, images) -> None:
+    """ONNX Runtime's outputs of the exported ``path`` equal ``model``'s to 1e-5 (the same integer codes)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pixel_mask = torch.ones(images.shape[0], *images.shape[2:], dtype=torch.long)
+    logits, boxes = session.run(None, {"pixel_values": images.numpy(), "pixel_mask": pixel_mask.numpy()})
+    with torch.no_grad():
+        expected = model(pixel_values=images, pixel_mask=pixel_mask)
+    torch.testing.assert_close(torch.from_numpy(logits), expected.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(boxes), expected.pred_boxes, rtol=0, atol=1e-5)
+
+
 def test_per_layer_bits_export_to_onnx(tmp_path, images):
     onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     from qdetr_hf import export_onnx
 
     fc1 = "model.encoder.layers.0.mlp.fc1"
@@ -130,13 +143,7 @@ def test_per_layer_bits_export_to_onnx(tmp_path, images):
     ]
     ranges = {(int(a.min()), int(a.max())) for a in int8 if a.shape[:2] in (shape, shape[::-1])}
     assert (-2, 1) in ranges and any(low < -2 for low, _ in ranges), ranges
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    pixel_mask = torch.ones(images.shape[0], 64, 64, dtype=torch.long)
-    logits, boxes = session.run(None, {"pixel_values": images.numpy(), "pixel_mask": pixel_mask.numpy()})
-    with torch.no_grad():
-        expected = model(pixel_values=images, pixel_mask=pixel_mask)
-    torch.testing.assert_close(torch.from_numpy(logits), expected.logits, rtol=0, atol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(boxes), expected.pred_boxes, rtol=0, atol=1e-5)
+    assert_onnx_runtime_matches(tmp_path / "model.onnx", model, images)
 
 
 HEADS = ("model.input_projection", "class_labels_classifier", "bbox_predictor.layers.0", "bbox_predictor.layers.2")
@@ -179,7 +186,7 @@ def test_head_bits_quantize_the_projection_and_heads_and_shrink_the_size_by_thei
 
 
 def test_head_bits_export_to_onnx_as_integer_layers(tmp_path, images):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     from qdetr_hf import export_onnx
     from qdetr_hf.onnx_export import integer_kernel_counts
 
@@ -190,10 +197,4 @@ def test_head_bits_export_to_onnx_as_integer_layers(tmp_path, images):
     # Without head_bits the four head linears (class, three box layers) are the graph's only float MatMuls.
     counts = integer_kernel_counts(tmp_path / "model.onnx")
     assert "MatMul" not in counts and "Gemm" not in counts, counts
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    pixel_mask = torch.ones(images.shape[0], 64, 64, dtype=torch.long)
-    logits, boxes = session.run(None, {"pixel_values": images.numpy(), "pixel_mask": pixel_mask.numpy()})
-    with torch.no_grad():
-        expected = model(pixel_values=images, pixel_mask=pixel_mask)
-    torch.testing.assert_close(torch.from_numpy(logits), expected.logits, rtol=0, atol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(boxes), expected.pred_boxes, rtol=0, atol=1e-5)
+    assert_onnx_runtime_matches(tmp_path / "model.onnx", model, images)
