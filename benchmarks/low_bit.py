@@ -6,10 +6,11 @@ Two parts, both writing to benchmarks/results/low_bit.{json,md} (rows are kept w
 - ``--part ablation``: for the shipped teacher converted at 2 and 3 bits and calibrated (untrained), and for trained
   students given with ``--trained``, the AP on synthetic validation images with the quantizers of one layer group
   switched on alone (weights only, activations only, both), every other quantizer off: what each group costs.
-- ``--part runs``: ``examples/distill.py`` at the main job's settings with one budget for every row (``--steps``; a
-  step budget rather than a time limit, so that rows compare at equal training whatever else runs on the machine),
-  uniform 3-3-8 and 2-2-8 students with today's recipe and with the remedies (progressive schedule from 4 bits,
-  oscillation dampening and freezing), and a mixed-precision student at the uniform 3-bit model's size.
+- ``--part runs``: ``examples/distill.py`` at the main job's settings with one budget for every row: ``--steps`` (a
+  step budget, so that rows compare at equal training whatever else runs on the machine) or ``--minutes`` (the main
+  job's time limit, for methods whose steps cost more). Uniform 3-3-8 and 2-2-8 students with DRD and KD-DETR and with
+  the remedies (progressive schedule from 4 bits, oscillation dampening and freezing), and mixed-precision students at
+  the uniform 3-bit and 2-bit models' sizes (with 8-bit heads, `--head_bits`).
   Each row records AP, the share of oscillating weights per layer group and how far training moved the steps.
 
     python benchmarks/low_bit.py --part ablation

@@ -197,7 +197,7 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
             for i, layer in enumerate(self.model.encoder.layers):
                 prefix = f"model.encoder.layers.{i}"
                 self._quantize_attention(layer.self_attn, f"{prefix}.self_attn", align=False, **offset_kwargs)
-                self._quantize_mlp(layer.mlp, f"{prefix}.mlp", **offset_kwargs)
+                self._quantize_mlp(f"{prefix}.mlp", offset_kwargs)
         if config.quantize_decoder:
             for i, layer in enumerate(self.model.decoder.layers):
                 prefix = f"model.decoder.layers.{i}"
@@ -207,11 +207,10 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
                 self._quantize_attention(
                     layer.encoder_attn, f"{prefix}.encoder_attn", align=config.aligns_cross_attention, **offset_kwargs
                 )
-                self._quantize_mlp(layer.mlp, f"{prefix}.mlp", **offset_kwargs)
+                self._quantize_mlp(f"{prefix}.mlp", offset_kwargs)
         if config.head_bits is not None:
             for name in self.head_layer_names():
-                parent_name, _, attr = name.rpartition(".")
-                self._quantize_layer(self.get_submodule(parent_name), attr, name, offset_kwargs, config.head_bits)
+                self._quantize_layer(name, offset_kwargs, config.head_bits)
 
     def head_layer_names(self) -> list[str]:
         """Module names of the input projection and the prediction heads' layers (what `head_bits` quantizes)."""
@@ -232,16 +231,9 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
                     f"Backbone layer '{name}' is a {type(module).__name__}; only plain nn.Conv2d layers can be "
                     "quantized. Use a backbone built from nn.Conv2d (e.g. a timm ResNet)."
                 )
-            bits = self.config.first_conv_bits if first else None
-            quantized = QuantConv2d.from_float(
-                module,
-                weight_bits=self._weight_bits(f"model.backbone.model.{name}", bits or self.config.weight_bits),
-                activation_bits=bits or self.config.activation_bits,
-                weight_init=self.config.weight_step_init,
-                name=f"model.backbone.model.{name}",
-                **offset_kwargs,
+            self._quantize_layer(
+                f"model.backbone.model.{name}", offset_kwargs, self.config.first_conv_bits if first else None
             )
-            _set_submodule(backbone, name, quantized)
             first = False
 
     def _quantize_residual_stream(self, offset_kwargs: dict) -> None:
@@ -284,13 +276,11 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
                 "'model.encoder.layers.0.mlp.fc1')."
             )
 
-    def _quantize_linear(self, parent: nn.Module, attr: str, name: str, offset_kwargs: dict) -> None:
-        self._quantize_layer(parent, attr, name, offset_kwargs, None)
-
-    def _quantize_layer(self, parent: nn.Module, attr: str, name: str, offset_kwargs: dict, bits: int | None) -> None:
-        """Replace ``parent.attr`` (an nn.Linear or nn.Conv2d) by its quantized version: weights at ``bits`` (or
-        ``weight_bits``) unless ``layer_weight_bits`` names it, inputs at ``bits`` (or ``activation_bits``)."""
-        layer = getattr(parent, attr)
+    def _quantize_layer(self, name: str, offset_kwargs: dict, bits: int | None = None) -> None:
+        """Replace the nn.Linear or nn.Conv2d ``name`` (a module name from the model's root) by its quantized
+        version: weights at ``bits`` (or ``weight_bits``) unless ``layer_weight_bits`` names it, inputs at ``bits``
+        (or ``activation_bits``)."""
+        layer = self.get_submodule(name)
         if isinstance(layer, (QuantLinear, QuantConv2d)):
             return
         quantized = (QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear).from_float(
@@ -301,13 +291,13 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
             name=name,
             **offset_kwargs,
         )
-        setattr(parent, attr, quantized)
+        self.set_submodule(name, quantized)
 
     def _quantize_attention(
         self, attention: DetrSelfAttention | DetrCrossAttention, name: str, align: bool, **offset_kwargs
     ) -> None:
         for attr in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            self._quantize_linear(attention, attr, f"{name}.{attr}", offset_kwargs)
+            self._quantize_layer(f"{name}.{attr}", offset_kwargs)
         head_dim = attention.head_dim
         attention.attn_quantizer = QuantAttention(
             self.config.attention_bits,
@@ -320,9 +310,9 @@ class QDetrForObjectDetection(FixedAttentionImplementation, DetrForObjectDetecti
             **offset_kwargs,
         )
 
-    def _quantize_mlp(self, mlp: nn.Module, name: str, **offset_kwargs) -> None:
+    def _quantize_mlp(self, name: str, offset_kwargs: dict) -> None:
         for attr in ("fc1", "fc2"):
-            self._quantize_linear(mlp, attr, f"{name}.{attr}", offset_kwargs)
+            self._quantize_layer(f"{name}.{attr}", offset_kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # Initialisation of quantizer tensors (guards the transformers v5 weight-init trap)
@@ -506,12 +496,6 @@ class QuantReLU(nn.ReLU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output_quantizer(super().forward(x))
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, module)
 
 
 __all__ = ["QDetrForObjectDetection", "qdetr_attention_forward"]
