@@ -3,9 +3,11 @@
 
 Two parts, both writing to benchmarks/results/low_bit.{json,md} (rows are kept when the script is run again):
 
-- ``--part ablation``: for the shipped teacher converted at 2 and 3 bits and calibrated (untrained), and for trained
-  students given with ``--trained``, the AP on synthetic validation images with the quantizers of one layer group
-  switched on alone (weights only, activations only, both), every other quantizer off: what each group costs.
+- ``--part ablation``: for the shipped teacher converted at 2 and 3 bits and calibrated (untrained), the AP on
+  synthetic validation images with the quantizers of one layer group switched on alone (weights only, activations
+  only, both), every other quantizer off: what each group costs. For these and for trained students given with
+  ``--trained`` (``--bits`` with no value skips the untrained ones), each group's activation SQNR with the whole model
+  quantized: how much signal its quantizers keep before and after training.
 - ``--part runs``: ``examples/distill.py`` at the main job's settings with one budget for every row: ``--steps`` (a
   step budget, so that rows compare at equal training whatever else runs on the machine) or ``--minutes`` (the main
   job's time limit, for methods whose steps cost more). Uniform 3-3-8 and 2-2-8 students with DRD and KD-DETR and with
@@ -124,11 +126,10 @@ def ap_with(model, quantizers_on, dataset, collator) -> float:
     return evaluator.compute()["AP"]
 
 
-def ablation(model, dataset, collator) -> dict[str, Any]:
-    """Per layer group, the AP with only its weight quantizers, only its activation quantizers, or both, enabled."""
+def _quantizers_by_group(model) -> dict[str, dict[str, list]]:
+    """The model's weight and activation quantizers per layer group (``GROUPS``)."""
     from qdetr_hf.quantization import LSQActivationQuantizer, LSQWeightQuantizer, quantizers
 
-    model.eval()
     first = next(name for name, m in model.named_modules() if type(m).__name__ == "QuantConv2d")
     by_group: dict[str, dict[str, list]] = {g: {"weights": [], "activations": []} for g in GROUPS}
     for name, quantizer in quantizers(model):
@@ -139,6 +140,13 @@ def ablation(model, dataset, collator) -> dict[str, Any]:
         kind = "weights" if isinstance(quantizer, LSQWeightQuantizer) else "activations"
         if isinstance(quantizer, (LSQWeightQuantizer, LSQActivationQuantizer)) and group in by_group:
             by_group[group][kind].append(quantizer)
+    return by_group
+
+
+def ablation(model, dataset, collator) -> dict[str, Any]:
+    """Per layer group, the AP with only its weight quantizers, only its activation quantizers, or both, enabled."""
+    model.eval()
+    by_group = _quantizers_by_group(model)
     every = [q for parts in by_group.values() for qs in parts.values() for q in qs]
     result = {"real-valued": ap_with(model, [], dataset, collator), "all": ap_with(model, every, dataset, collator)}
     for group, parts in by_group.items():
@@ -148,6 +156,32 @@ def ablation(model, dataset, collator) -> dict[str, Any]:
             "both": ap_with(model, parts["weights"] + parts["activations"], dataset, collator),
         }
     return result
+
+
+@torch.no_grad()
+def activation_sqnr(model, dataset, collator) -> dict[str, float]:
+    """Per layer group, the signal-to-quantization-noise ratio in dB of its activation quantizers with the whole model
+    quantized, ``10 log10(sum x^2 / sum (Q(x) - x)^2)`` over their inputs on ``dataset``: how much of the signal the
+    quantizers keep at the model's own operating point, comparable before and after training (unlike the ablation's
+    AP, whose real-valued reference a trained student no longer has: its weights adapted to quantized inputs)."""
+    model.eval()
+    sums = {g: torch.zeros(2, dtype=torch.float64) for g in GROUPS}
+    handles = []
+    for group, parts in _quantizers_by_group(model).items():
+
+        def accumulate(module, args, out, acc=sums[group]):
+            x = args[0].double()
+            acc += torch.stack([x.square().sum(), (out.double() - x).square().sum()])
+
+        handles += [q.register_forward_hook(accumulate) for q in parts["activations"]]
+    try:
+        for start in range(0, len(dataset), 32):
+            batch = collator([dataset[i] for i in range(start, min(start + 32, len(dataset)))])
+            model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {g: 10 * torch.log10(s[0] / s[1]).item() for g, s in sums.items() if s[1] > 0}
 
 
 def run_ablation(args, results: dict[str, Any]) -> None:
@@ -172,11 +206,20 @@ def run_ablation(args, results: dict[str, Any]) -> None:
             backbone_residual_bits=8,
         )
         calibrate(model, batches)
-        table[name] = ablation(model, dataset, collator)
+        table[name] = {
+            **ablation(model, dataset, collator),
+            "activation_sqnr": activation_sqnr(model, dataset, collator),
+        }
         print(name, json.dumps(table[name]), flush=True)
     for folder in args.trained:
-        model = QDetrForObjectDetection.from_pretrained(folder)
-        table[f"{model.config.bit_notation}, trained ({Path(folder).name})"] = ablation(model, dataset, collator)
+        # A trained checkpoint's weights lie on their grids and were trained with quantized inputs, so the per-group
+        # AP against a real-valued model says nothing: record the whole model's AP and its activations' SQNR.
+        model = QDetrForObjectDetection.from_pretrained(folder).eval()
+        every = [q for parts in _quantizers_by_group(model).values() for qs in parts.values() for q in qs]
+        table[f"{model.config.bit_notation}, trained ({Path(folder).name})"] = {
+            "all": ap_with(model, every, dataset, collator),
+            "activation_sqnr": activation_sqnr(model, dataset, collator),
+        }
 
 
 def size_of(bits: str, teacher: str | Path = TEACHER, image_size: int = 128) -> float:
@@ -263,6 +306,8 @@ def to_markdown(results: dict[str, Any]) -> str:
             "|---" * (len(GROUPS) + 3) + "|",
         ]
         for name, row in results["ablation"].items():
+            if "real-valued" not in row:
+                continue
             cells = [
                 f"{100 * row[g]['weights']:.1f} / {100 * row[g]['activations']:.1f} / {100 * row[g]['both']:.1f}"
                 for g in GROUPS
@@ -271,6 +316,20 @@ def to_markdown(results: dict[str, Any]) -> str:
                 f"| {name} | {100 * row['real-valued']:.1f} | {100 * row['all']:.1f} | " + " | ".join(cells) + " |"
             )
         lines.append("")
+        sqnr_rows = {name: row for name, row in results["ablation"].items() if "activation_sqnr" in row}
+        if sqnr_rows:
+            lines += [
+                "Activation quantization error per layer group, the whole model quantized: signal-to-quantization-noise "
+                "ratio in dB over the quantizers' inputs on the same images (higher keeps more of the signal; each "
+                "further bit adds about 6 dB). Trained rows name their run (benchmarks/work/low_bit).",
+                "",
+                "| model | AP (all quantized) | " + " | ".join(GROUPS) + " |",
+                "|---" * (len(GROUPS) + 2) + "|",
+            ]
+            for name, row in sqnr_rows.items():
+                cells = [f"{row['activation_sqnr'][g]:.1f}" if g in row["activation_sqnr"] else "-" for g in GROUPS]
+                lines.append(f"| {name} | {100 * row['all']:.1f} | " + " | ".join(cells) + " |")
+            lines.append("")
     if "runs" in results:
         lines += [
             "## Recipes at equal budgets",
@@ -301,7 +360,13 @@ def to_markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["ablation", "runs"], required=True)
-    parser.add_argument("--bits", nargs="+", type=int, default=[3, 2], help="Ablation: uniform widths to convert at.")
+    parser.add_argument(
+        "--bits",
+        nargs="*",
+        type=int,
+        default=[3, 2],
+        help="Ablation: uniform widths to convert at (none: --trained only).",
+    )
     parser.add_argument("--trained", nargs="*", default=[], help="Ablation: trained student folders.")
     parser.add_argument("--num_eval_images", type=int, default=200)
     parser.add_argument("--steps", type=int, default=1600, help="Runs: the training budget of every row.")

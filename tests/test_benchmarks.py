@@ -106,14 +106,38 @@ def test_low_bit_quick_mode(tmp_path, tiny_teacher_dir):
     low_bit = _load("low_bit")
     common = ["--quick", "--teacher", str(tiny_teacher_dir), "--image_size", "64"]
     common += ["--output_dir", str(tmp_path / "results"), "--work_dir", str(tmp_path / "work")]
-    results = low_bit.main(["--part", "ablation", "--bits", "2", *common])
+    results = low_bit.main(["--part", "ablation", "--bits", "2", "4", *common])
     row = results["ablation"]["2-2-8, calibrated, untrained"]
     assert set(low_bit.GROUPS) <= set(row) and all(0 <= row[g]["both"] <= 1 for g in low_bit.GROUPS)
+    # Two more bits keep more of every 2-bit group's signal (the stem's input stays at first_conv_bits).
+    sqnr_2, sqnr_4 = (results["ablation"][f"{b}-{b}-8, calibrated, untrained"]["activation_sqnr"] for b in (2, 4))
+    assert set(sqnr_2) == set(low_bit.GROUPS)
+    assert all(sqnr_4[g] > sqnr_2[g] + 3 for g in low_bit.GROUPS if g != "stem")
     mixed = "mixed precision at the 2-2-8 size, 8-bit heads, 4-bit activations"
     results = low_bit.main(["--part", "runs", "--rows", "2-2-8", mixed, *common])
-    assert set(results["ablation"]) == {"2-2-8, calibrated, untrained"}  # the earlier part's rows are kept
+    assert set(results["ablation"]) == {f"{b}-{b}-8, calibrated, untrained" for b in (2, 4)}  # earlier rows are kept
     uniform, chosen = results["runs"]["2-2-8 @ 2 steps"], results["runs"][f"{mixed} @ 2 steps"]
     assert uniform["steps"] == chosen["steps"] == 2
     # The mixed model fits the uniform 2-bit model's size and, with its heads at 8 bits, spends the room on wider layers.
     assert chosen["size_mb"] <= uniform["size_mb"] + 1e-9 and chosen["average_weight_bits"] > 2
     assert f"| {mixed} @ 2 steps |" in (tmp_path / "results" / "low_bit.md").read_text()
+    # A trained student (its weights on their grids) gets its whole-model AP and activation SQNR, no per-group AP.
+    (trained,) = (tmp_path / "work").glob("2-2-8-2steps")
+    results = low_bit.main(["--part", "ablation", "--bits", "--trained", str(trained), *common])
+    row = results["ablation"]["2-2-8, trained (2-2-8-2steps)"]
+    assert set(row) == {"all", "activation_sqnr"} and set(row["activation_sqnr"]) == set(low_bit.GROUPS)
+    text = (tmp_path / "results" / "low_bit.md").read_text()
+    assert text.count("| 2-2-8, trained (2-2-8-2steps) |") == 1 and text.count("| 2-2-8, calibrated, untrained |") == 2
+
+
+def test_activation_sqnr_sees_no_noise_without_quantizers(tiny_teacher_dir):
+    from qdetr_hf import QDetrForObjectDetection, calibrate
+    from qdetr_hf.quantization import quantization_disabled
+
+    low_bit = _load("low_bit")
+    dataset, collator = low_bit._val(4, 64)
+    model = QDetrForObjectDetection.from_pretrained(tiny_teacher_dir, weight_bits=3, activation_bits=3)
+    calibrate(model, [collator([dataset[i] for i in range(4)])])
+    assert set(low_bit.activation_sqnr(model, dataset, collator)) == set(low_bit.GROUPS)
+    with quantization_disabled(model):  # every quantizer passes its input through: no noise, no group to report
+        assert low_bit.activation_sqnr(model, dataset, collator) == {}
