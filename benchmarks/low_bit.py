@@ -109,6 +109,12 @@ def _val(num_images: int, image_size: int):
     return SyntheticShapesDataset(num_images=num_images, image_size=image_size, seed=1_000_000), collator
 
 
+def _batches(dataset, collator, size: int = 32):
+    """The validation images in collated batches of ``size``, in order."""
+    for start in range(0, len(dataset), size):
+        yield collator([dataset[i] for i in range(start, min(start + size, len(dataset)))])
+
+
 @torch.no_grad()
 def ap_with(model, quantizers_on, dataset, collator) -> float:
     """AP of ``model`` with only ``quantizers_on`` enabled."""
@@ -119,8 +125,7 @@ def ap_with(model, quantizers_on, dataset, collator) -> float:
     with quantization_disabled(model):
         for quantizer in quantizers_on:
             quantizer.enabled = True
-        for start in range(0, len(dataset), 32):
-            batch = collator([dataset[i] for i in range(start, min(start + 32, len(dataset)))])
+        for batch in _batches(dataset, collator):
             out = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
             evaluator.update(({}, out.logits, out.pred_boxes), batch["labels"])
     return evaluator.compute()["AP"]
@@ -175,8 +180,7 @@ def activation_sqnr(model, dataset, collator) -> dict[str, float]:
 
         handles += [q.register_forward_hook(accumulate) for q in parts["activations"]]
     try:
-        for start in range(0, len(dataset), 32):
-            batch = collator([dataset[i] for i in range(start, min(start + 32, len(dataset)))])
+        for batch in _batches(dataset, collator):
             model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
     finally:
         for handle in handles:
