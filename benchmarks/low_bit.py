@@ -10,10 +10,10 @@ Two parts, both writing to benchmarks/results/low_bit.{json,md} (rows are kept w
   quantized: how much signal its quantizers keep before and after training.
 - ``--part runs``: ``examples/distill.py`` at the main job's settings with one budget for every row: ``--steps`` (a
   step budget, so that rows compare at equal training whatever else runs on the machine) or ``--minutes`` (the main
-  job's time limit, for methods whose steps cost more). Uniform 3-3-8 and 2-2-8 students with DRD and KD-DETR and with
-  the remedies (progressive schedule from 4 bits, oscillation dampening and freezing), and mixed-precision students at
-  the uniform 3-bit and 2-bit models' sizes (with 8-bit heads, `--head_bits`), and 3-3-8 with a faster quantizer
-  learning rate.
+  job's time limit, for methods whose steps cost more; such rows are kept per processor, whose speed sets their steps).
+  Uniform 3-3-8 and 2-2-8 students with DRD and KD-DETR and with the remedies (progressive schedule from 4 bits,
+  oscillation dampening and freezing), mixed-precision students at the uniform 3-bit and 2-bit models' sizes (with
+  8-bit heads, `--head_bits`), and 3-bit and 2-bit students with other learning rates or batch sizes.
   Each row records AP, the share of oscillating weights per layer group and how far training moved the steps.
 
     python benchmarks/low_bit.py --part ablation
@@ -41,6 +41,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / "work" / "low_bit"
 GROUPS = ("stem", "backbone", "encoder attention", "encoder FFN", "decoder attention", "decoder FFN")
 MAIN_JOB_STUDENT = ["--integer_zero_points", "true", "--backbone_residual_bits", "8"]
+# The learning rate every row was measured at unless it names its own: a width's defaults in examples/distill.py
+# (LOW_BIT_DEFAULTS) change with what these rows find, and a committed row must still mean what it measured.
+MAIN_JOB_LEARNING_RATE = ["--learning_rate", "6e-4"]
 QUICK_RUN = [
     "--num_train_images", "16", "--num_eval_images", "4", "--per_device_train_batch_size", "2",
     "--per_device_eval_batch_size", "2", "--calibration_batches", "1", "--num_visualized", "1", "--save_steps", "2",
@@ -92,6 +95,23 @@ ROWS: dict[str, list[str]] = {
     # Whether the steps' slow movement within the main job's time (the rows' step-change column) holds 3-bit back.
     "3-3-8, KD-DETR, quantizer learning rate 2e-3": [
         "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr", "--quantizer_learning_rate", "2e-3",
+    ],
+    # Whether the 3-bit student, whose AP keeps rising with steps (4x budget: +8 AP), gains from the main job's minutes
+    # spent differently: a larger learning rate, or half the batch for twice the updates.
+    "3-3-8, KD-DETR, learning rate 1e-3": [
+        "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr", "--learning_rate", "1e-3",
+    ],
+    "3-3-8, KD-DETR, learning rate 2e-3": [
+        "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr", "--learning_rate", "2e-3",
+    ],
+    "3-3-8, KD-DETR, learning rate 4e-3": [
+        "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr", "--learning_rate", "4e-3",
+    ],
+    "2-2-8, KD-DETR, learning rate 2e-3": [
+        "--weight_bits", "2", "--activation_bits", "2", "--distillation", "kd_detr", "--learning_rate", "2e-3",
+    ],
+    "3-3-8, KD-DETR, batch 4": [
+        "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr", "--per_device_train_batch_size", "4",
     ],
 }  # fmt: skip
 
@@ -236,9 +256,19 @@ def size_of(bits: str, teacher: str | Path = TEACHER, image_size: int = 128) -> 
     return efficiency_report(model, image_size).size_mb
 
 
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo), which a time budget's steps depend on."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def run_rows(args, results: dict[str, Any]) -> None:
     rows = results.setdefault("runs", {})
-    budget = f"{args.minutes:g} min" if args.minutes else f"{args.steps} steps"
+    cpu = cpu_model()
+    # A time budget buys different steps on different processors: its rows are kept per machine.
+    budget = f"{args.minutes:g} min on {cpu}" if args.minutes else f"{args.steps} steps"
     for name in args.rows:
         key = f"{name} @ {budget}"
         if key in rows:
@@ -248,14 +278,16 @@ def run_rows(args, results: dict[str, Any]) -> None:
         if "--target_size_mb" in extra:  # a size named by the uniform model it matches
             index = extra.index("--target_size_mb") + 1
             extra[index] = f"{size_of(extra[index], args.teacher, args.image_size):.6f}"
-        output = Path(args.work_dir) / f"{name.replace(' ', '_').replace(',', '')}-{budget.replace(' ', '')}"
+        budget_tag = f"{args.minutes:g}min" if args.minutes else f"{args.steps}steps"
+        output = Path(args.work_dir) / f"{name.replace(' ', '_').replace(',', '')}-{budget_tag}"
         # A time budget is the main job's: 3,000 steps under the limit, the schedule fitted to the steps it allows.
         limit = ["--max_train_minutes", f"{args.minutes:g}"] if args.minutes else []
         command = [
             sys.executable, str(ROOT / "examples" / "distill.py"), "--output_dir", str(output),
             "--max_steps", str(3000 if args.minutes else args.steps), *limit, "--export_onnx", "false",
             "--overwrite_output_dir", "true", "--teacher_model_name_or_path", str(args.teacher),
-            "--image_size", str(args.image_size), *(QUICK_RUN if args.quick else []), *MAIN_JOB_STUDENT, *extra,
+            "--image_size", str(args.image_size), *(QUICK_RUN if args.quick else []), *MAIN_JOB_STUDENT,
+            *MAIN_JOB_LEARNING_RATE, *extra,
         ]  # fmt: skip
         started = time.time()
         subprocess.run(command, check=True)
@@ -274,6 +306,7 @@ def run_rows(args, results: dict[str, Any]) -> None:
             "oscillation": run["oscillation"],
             "weight_step_change": run["weight_step_change"],
             "wall_time_s": time.time() - started,
+            "cpu": cpu,
         }
         save(results, args.output_dir)
 
@@ -295,7 +328,7 @@ def to_markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Students below 4 bits",
         "",
-        f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}. Synthetic data at 128 px, the shipped teacher, "
+        f"{m['cores']} CPU cores, torch {m['torch']}. Synthetic data at 128 px, the shipped teacher, "
         "the main job's settings (DA + DRD, integer zero points, 8-bit residual stream). AP in %.",
         "",
     ]
@@ -338,8 +371,10 @@ def to_markdown(results: dict[str, Any]) -> str:
         lines += [
             "## Recipes at equal budgets",
             "",
-            "Rows that name no method distil with DRD (the main job's). `@ N steps`: a step budget; `@ 12 min`: the "
-            "main job's time limit (the steps column says how many it allowed). Calibrated start: the AP before training.",
+            "Rows that name no method distil with DRD (the main job's), and rows that name no learning rate train at "
+            "the main job's 6e-4. `@ N steps`: a step budget; `@ 12 min`: the "
+            "main job's time limit on the named processor (2 cores; the steps column says how many it allowed). "
+            "Calibrated start: the AP before training.",
             "",
             "| row | steps | AP (% of teacher) | AP50 | calibrated start | size MB | avg weight bits | oscillating weights "
             "(backbone / enc. attn / dec. attn) | median step change (backbone / enc. attn / dec. attn) |",
@@ -395,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = Path(args.output_dir) / "low_bit.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     results["machine"] = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": torch.get_num_threads(),
         "torch": torch.__version__,
     }

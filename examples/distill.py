@@ -273,8 +273,8 @@ long GPU runs they use batch 8, learning rate 6e-4 (paper: 1e-4) and 3,000 steps
 MSE-searched weight and activation steps, the DA affine fitted at calibration, and two deployment options (integer zero
 points, an 8-bit residual stream). On other data start from the paper's --learning_rate 1e-4, set --max_steps for your
 budget (it drops the time limit), and keep the best checkpoint by AP (the main job evaluates every --eval_steps).
-Below 4 bits the best recipe measured at that width replaces parts of it (2 and 3 bits: KD-DETR distillation; README
-"Below 4 bits"); options on the command line still win."""
+Below 4 bits the best recipe measured at that width replaces parts of it (2 and 3 bits: KD-DETR distillation at
+learning rate 2e-3; README "Below 4 bits"); options on the command line still win."""
 
 # Each value below was measured on the synthetic data (README "Main job"); every one can be overridden. A command line
 # that sets its own --max_steps drops the training time limit unless it sets --max_train_minutes too
@@ -306,8 +306,8 @@ MAIN_JOB_DEFAULTS = [
 ]  # fmt: skip
 
 LOW_BIT_DEFAULTS: dict[int, list[str]] = {
-    3: ["--distillation", "kd_detr"],
-    2: ["--distillation", "kd_detr"],
+    3: ["--distillation", "kd_detr", "--learning_rate", "2e-3"],
+    2: ["--distillation", "kd_detr", "--learning_rate", "2e-3"],
 }  # fmt: skip
 """Per ``--weight_bits``, what replaces the main job's options for a student below 4 bits: the best recipe measured at
 that width within the main job's time (benchmarks/results/low_bit.md, README "Below 4 bits")."""

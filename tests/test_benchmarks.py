@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
@@ -141,3 +142,44 @@ def test_activation_sqnr_sees_no_noise_without_quantizers(tiny_teacher_dir):
     assert set(low_bit.activation_sqnr(model, dataset, collator)) == set(low_bit.GROUPS)
     with quantization_disabled(model):  # every quantizer passes its input through: no noise, no group to report
         assert low_bit.activation_sqnr(model, dataset, collator) == {}
+
+
+def test_low_bit_time_budget_rows_are_kept_per_processor(tmp_path, monkeypatch):
+    """A time budget buys different steps on different processors, so its rows never stand in for each other."""
+    low_bit = _load("low_bit")
+    calls = []
+
+    def fake_run(command, check):
+        calls.append(command)
+        output = Path(command[command.index("--output_dir") + 1])
+        output.mkdir(parents=True, exist_ok=True)
+        row = {"AP": 0.25, "AP50": 0.5, "size_mb": 0.77}
+        run = {
+            "steps": 1000 + len(calls),
+            "rows": {"teacher (fp32)": {"AP": 0.43}, "student (untrained)": {"AP": 0.01}, "student (3-3-8)": row},
+            "average_weight_bits": 3.0,
+            "oscillation": {},
+            "weight_step_change": {},
+        }
+        (output / "results.json").write_text(json.dumps(run))
+
+    monkeypatch.setattr(low_bit.subprocess, "run", fake_run)
+    argv = ["--part", "runs", "--minutes", "12", "--rows", "3-3-8, KD-DETR", "--output_dir", str(tmp_path)]
+    argv += ["--work_dir", str(tmp_path / "work")]
+    for cpu in ("CPU A", "CPU A", "CPU B"):
+        monkeypatch.setattr(low_bit, "cpu_model", lambda cpu=cpu: cpu)
+        runs = low_bit.main(argv)["runs"]
+    assert len(calls) == 2  # the second run on CPU A found its row done
+    assert {k: v["steps"] for k, v in runs.items()} == {
+        "3-3-8, KD-DETR @ 12 min on CPU A": 1001,
+        "3-3-8, KD-DETR @ 12 min on CPU B": 1002,
+    }
+    assert runs["3-3-8, KD-DETR @ 12 min on CPU B"]["cpu"] == "CPU B"
+
+    def last_learning_rate(command):
+        return [command[i + 1] for i, arg in enumerate(command) if arg == "--learning_rate"][-1]
+
+    # Rows run at the main job's learning rate whatever a width's defaults become, unless they name their own.
+    low_bit.main([*argv[:5], "3-3-8, KD-DETR, learning rate 2e-3", *argv[6:]])
+    assert [last_learning_rate(c) for c in calls] == ["6e-4", "6e-4", "2e-3"]
+    assert "| 3-3-8, KD-DETR @ 12 min on CPU A | 1001 | 25.0 (58%) |" in (tmp_path / "low_bit.md").read_text()

@@ -187,11 +187,15 @@ def test_a_low_bit_width_brings_its_own_defaults_and_the_command_line_still_wins
 
     assert parsed()[1].distillation == "drd"  # the main job (4 bits)
     assert set(distill.LOW_BIT_DEFAULTS) == {2, 3}
+    main_job_lr = distill._value(distill.MAIN_JOB_DEFAULTS, "--learning_rate")
     for bits in distill.LOW_BIT_DEFAULTS:
         model_args, distill_args, training_args = parsed("--weight_bits", str(bits), "--activation_bits", str(bits))
         expected = dict(zip(distill.LOW_BIT_DEFAULTS[bits][::2], distill.LOW_BIT_DEFAULTS[bits][1::2], strict=True))
         assert distill_args.distillation == expected["--distillation"] and model_args.weight_bits == bits
+        assert training_args.learning_rate == float(expected.get("--learning_rate", main_job_lr))
         assert training_args.max_train_minutes == 12  # still the main job's time budget
+    assert parsed("--weight_bits", "3", "--learning_rate", "1e-4")[2].learning_rate == 1e-4
+    assert parsed("--learning_rate", "1e-4", "--weight_bits", "3")[2].learning_rate == 1e-4
     assert parsed("--weight-bits=3")[1].distillation == distill.LOW_BIT_DEFAULTS[3][1]  # any spelling
     assert parsed("--weight_bits", "3", "--distillation", "drd")[1].distillation == "drd"
     assert parsed("--distillation", "qskd", "--weight_bits", "3")[1].distillation == "qskd"
