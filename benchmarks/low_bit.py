@@ -110,6 +110,9 @@ ROWS: dict[str, list[str]] = {
     "2-2-8, KD-DETR, learning rate 2e-3": [
         "--weight_bits", "2", "--activation_bits", "2", "--distillation", "kd_detr", "--learning_rate", "2e-3",
     ],
+    "mixed precision at the 2-2-8 size, 8-bit heads, 4-bit activations, KD-DETR, learning rate 2e-3": [
+        *mixed("2-2-8", 4, "kd_detr"), "--learning_rate", "2e-3",
+    ],
     "3-3-8, KD-DETR, batch 4": [
         "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr", "--per_device_train_batch_size", "4",
     ],
