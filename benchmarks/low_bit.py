@@ -272,6 +272,7 @@ def run_rows(args, results: dict[str, Any]) -> None:
     cpu = cpu_model()
     # A time budget buys different steps on different processors: its rows are kept per machine.
     budget = f"{args.minutes:g} min on {cpu}" if args.minutes else f"{args.steps} steps"
+    budget_tag = f"{args.minutes:g}min" if args.minutes else f"{args.steps}steps"  # in the run folders' names
     for name in args.rows:
         key = f"{name} @ {budget}"
         if key in rows:
@@ -281,7 +282,6 @@ def run_rows(args, results: dict[str, Any]) -> None:
         if "--target_size_mb" in extra:  # a size named by the uniform model it matches
             index = extra.index("--target_size_mb") + 1
             extra[index] = f"{size_of(extra[index], args.teacher, args.image_size):.6f}"
-        budget_tag = f"{args.minutes:g}min" if args.minutes else f"{args.steps}steps"
         output = Path(args.work_dir) / f"{name.replace(' ', '_').replace(',', '')}-{budget_tag}"
         # A time budget is the main job's: 3,000 steps under the limit, the schedule fitted to the steps it allows.
         limit = ["--max_train_minutes", f"{args.minutes:g}"] if args.minutes else []
@@ -375,9 +375,8 @@ def to_markdown(results: dict[str, Any]) -> str:
             "## Recipes at equal budgets",
             "",
             "Rows that name no method distil with DRD (the main job's), and rows that name no learning rate train at "
-            "the main job's 6e-4. `@ N steps`: a step budget; `@ 12 min`: the "
-            "main job's time limit on the named processor (2 cores; the steps column says how many it allowed). "
-            "Calibrated start: the AP before training.",
+            "the main job's 6e-4. `@ N steps`: a step budget; `@ 12 min`: the main job's time limit on the named "
+            "processor (2 cores; the steps column says how many it allowed). Calibrated start: the AP before training.",
             "",
             "| row | steps | AP (% of teacher) | AP50 | calibrated start | size MB | avg weight bits | oscillating weights "
             "(backbone / enc. attn / dec. attn) | median step change (backbone / enc. attn / dec. attn) |",
