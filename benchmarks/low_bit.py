@@ -96,8 +96,8 @@ ROWS: dict[str, list[str]] = {
     "3-3-8, KD-DETR, quantizer learning rate 2e-3": [
         "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr", "--quantizer_learning_rate", "2e-3",
     ],
-    # Whether the 3-bit student, whose AP keeps rising with steps (4x budget: +8 AP), gains from the main job's minutes
-    # spent differently: a larger learning rate, or half the batch for twice the updates.
+    # Whether the 3-bit student, whose AP keeps rising with steps (the 4x-budget rows), gains from the main job's
+    # minutes spent differently: a larger learning rate, or half the batch for more updates.
     "3-3-8, KD-DETR, learning rate 1e-3": [
         "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr", "--learning_rate", "1e-3",
     ],
