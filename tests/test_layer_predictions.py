@@ -9,7 +9,7 @@ from transformers import DetrConfig, DetrForObjectDetection
 
 from qdetr_hf import QDetrConfig, QDetrForObjectDetection, calibrate
 from qdetr_hf.distillers import QSKDDistiller
-from qdetr_hf.distillers.base import DetectorOutputs, capture_decoder_inputs, run_decoder
+from qdetr_hf.distillers.base import DetectorOutputs, capture_decoder_inputs, run_decoder, run_decoder_sets
 
 LABELS = [
     {"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
@@ -79,3 +79,55 @@ def test_kd_detr_decoder_pass_with_the_models_queries_reproduces_its_predictions
     with torch.no_grad():
         logits, boxes, _ = run_decoder(model, detector.decoder_inputs, model.model.query_position_embeddings.weight)
     _check_layers(detector, logits, boxes)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["detr", "qdetr"])
+def test_query_sets_decoded_together_equal_one_pass_each_in_values_and_gradients(images, quantized):
+    model = _model(quantized, True, images)
+    mask = torch.ones(images.shape[0], *images.shape[2:], dtype=torch.long)
+    mask[0, :, images.shape[-1] // 2 :] = 0  # a padded image, so the memory's mask matters
+    with torch.no_grad(), capture_decoder_inputs(model) as captured:
+        model(pixel_values=images, pixel_mask=mask)
+    inputs = dict(captured)
+    own = model.model.query_position_embeddings.weight
+    generator = torch.Generator().manual_seed(1)
+    sets = [own, torch.randn(images.shape[0], *own.shape, generator=generator)]  # (N, d) and (B, N, d)
+    calls = []
+    handle = model.model.decoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        together = run_decoder_sets(model, inputs, sets)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # one decoder pass for both sets
+    apart = [run_decoder(model, inputs, queries) for queries in sets]
+    weights = [torch.randn(out[0].shape, generator=generator) for out in apart]
+
+    def grads(outputs):
+        model.zero_grad()
+        sum((logits * w).sum() + boxes.sum() for (logits, boxes, _), w in zip(outputs, weights)).backward()
+        return [p.grad.clone() for p in model.model.decoder.parameters() if p.grad is not None]
+
+    for (t_logits, t_boxes, t_hidden), (a_logits, a_boxes, a_hidden) in zip(together, apart):
+        assert t_logits.shape == a_logits.shape == (3, images.shape[0], own.shape[0], len(SHAPES) + 1)
+        torch.testing.assert_close(t_logits, a_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(t_boxes, a_boxes, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(t_hidden, a_hidden, rtol=1e-5, atol=1e-5)
+    together_grads, apart_grads = grads(together), grads(apart)
+    assert len(together_grads) == len(apart_grads) > 0
+    for g_together, g_apart in zip(together_grads, apart_grads):
+        torch.testing.assert_close(g_together, g_apart, rtol=1e-4, atol=1e-5)
+
+
+def test_query_sets_of_different_sizes_are_decoded_one_pass_each(images):
+    model = _model(True, True, images)
+    with torch.no_grad(), capture_decoder_inputs(model) as captured:
+        model(pixel_values=images)
+    own = model.model.query_position_embeddings.weight
+    sets = [own, own[:3]]
+    with torch.no_grad():
+        together = run_decoder_sets(model, dict(captured), sets)
+        apart = [run_decoder(model, dict(captured), queries) for queries in sets]
+    assert [out[0].shape[2] for out in together] == [own.shape[0], 3]
+    for (t_logits, t_boxes, _), (a_logits, a_boxes, _) in zip(together, apart):
+        torch.testing.assert_close(t_logits, a_logits, rtol=0, atol=0)
+        torch.testing.assert_close(t_boxes, a_boxes, rtol=0, atol=0)

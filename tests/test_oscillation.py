@@ -60,6 +60,25 @@ def test_tracker_counts_code_reversals_and_freezes_at_the_average_code():
     assert tracker.summary() == {"heads": {"oscillating": pytest.approx(1 / 3), "frozen": pytest.approx(1 / 3)}}
 
 
+@pytest.mark.parametrize("freeze_threshold", [None, 0.99], ids=["measuring", "freezing-nothing"])
+def test_tracker_statistics_follow_the_code_trajectory(freeze_threshold):
+    # Without freezing the statistics update in place; with a threshold no weight reaches, they must be the same.
+    model = _layer([0.4, 0.4, -3.0, 5.0])
+    tracker = OscillationTracker(model, momentum=0.5, freeze_threshold=freeze_threshold)
+    for weights in ([0.4, 0.4, -3.0, 5.0], [0.6, 1.4, -2.9, 4.4], [0.4, 2.4, -2.9, 4.6], [0.6, 3.4, -2.9, 4.4]):
+        with torch.no_grad():
+            model.fc.weight.copy_(torch.tensor([weights]))
+        tracker.update()
+    state = tracker.state["fc"]
+    # codes: w0 0 1 0 1 (reverses twice), w1 0 1 2 3, w2 -3 throughout, w3 5 4 5 4 (reverses twice)
+    torch.testing.assert_close(state["frequency"], torch.tensor([[0.75, 0.0, 0.0, 0.75]]))
+    assert state["direction"].tolist() == [[1, 1, 0, -1]]
+    assert state["codes"].tolist() == [[1, 3, -3, 4]]
+    # EMA (momentum 0.5) of the codes from the first one: w0 0 -> 0.5 -> 0.25 -> 0.625, w1 0 -> 0.5 -> 1.25 -> 2.125
+    torch.testing.assert_close(state["ema_code"], torch.tensor([[0.625, 2.125, -3.0, 4.375]]))
+    assert not state["frozen"].any()
+
+
 def test_layer_groups():
     assert layer_group("model.backbone.model.layer1.0.conv1") == "backbone"
     assert layer_group("model.encoder.layers.0.mlp.fc1") == "encoder FFN"

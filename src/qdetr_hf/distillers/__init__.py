@@ -12,6 +12,7 @@ from qdetr_hf.distillers.base import (
     layer_predictions,
     resolve_layers,
     run_decoder,
+    run_decoder_sets,
 )
 from qdetr_hf.distillers.drd import (
     DEFAULT_DRD_WEIGHT,
@@ -97,6 +98,7 @@ __all__ = [
     "local_alignment_prediction_loss",
     "resolve_layers",
     "run_decoder",
+    "run_decoder_sets",
     "sample_general_queries",
     "select_top_discrepancy",
 ]

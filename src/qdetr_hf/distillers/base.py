@@ -260,6 +260,10 @@ def capture_decoder_inputs(model: nn.Module, enabled: bool = True) -> Iterator[d
         handle.remove()
 
 
+#: The captured decoder inputs another query set reuses: the encoder memory, its padding mask and its positions.
+_MEMORY_INPUTS = ("encoder_hidden_states", "encoder_attention_mask", "spatial_position_embeddings")
+
+
 def run_decoder(
     model: nn.Module, decoder_inputs: dict[str, Any], query_position_embeddings: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -284,11 +288,7 @@ def run_decoder(
     if query_position_embeddings.dim() == 2:
         query_position_embeddings = query_position_embeddings.unsqueeze(0).expand(batch, -1, -1)
     decoder = model.model.decoder
-    kwargs = {
-        k: v
-        for k, v in decoder_inputs.items()
-        if k in ("encoder_hidden_states", "encoder_attention_mask", "spatial_position_embeddings")
-    }
+    kwargs = {k: v for k, v in decoder_inputs.items() if k in _MEMORY_INPUTS}
     states = []
     hidden = torch.zeros_like(query_position_embeddings)
 
@@ -302,6 +302,40 @@ def run_decoder(
         for handle in handles:
             handle.remove()
     return layer_predictions(model, states)
+
+
+def run_decoder_sets(
+    model: nn.Module, decoder_inputs: dict[str, Any], query_sets: Sequence[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`run_decoder` for several query sets at once: sets of the same size share one pass over a batch that
+    repeats the encoder memory once per set, so the decoder's per-call overhead is paid once, not once per set.
+
+    Every set still decodes on its own (a query attends only to the queries of its own image and set), and nothing in
+    the decoder mixes batch elements (Distribution Alignment standardises per token; the quantizers' steps are
+    fixed), so each result equals what its own :func:`run_decoder` call returns, up to float summation order. Sets of
+    different sizes fall back to one pass each.
+
+    Args:
+        model: A transformers DETR detection model.
+        decoder_inputs: What :func:`capture_decoder_inputs` recorded during the model's forward on the batch.
+        query_sets: ``(B, N, d_model)`` or ``(N, d_model)`` object-query position embeddings, one tensor per set.
+
+    Returns:
+        One ``(logits, boxes, hidden)`` triple per set, in order, shaped as :func:`run_decoder`'s.
+    """
+    if not decoder_inputs:
+        raise ValueError("run_decoder needs the captured decoder inputs of a forward pass (needs_decoder_inputs=True).")
+    if len(query_sets) < 2 or len({queries.shape[-2] for queries in query_sets}) > 1:
+        return [run_decoder(model, decoder_inputs, queries) for queries in query_sets]
+    batch = decoder_inputs["encoder_hidden_states"].shape[0]
+    queries = torch.cat([q.unsqueeze(0).expand(batch, -1, -1) if q.dim() == 2 else q for q in query_sets])
+    repeated = {
+        k: v.repeat(len(query_sets), *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) else v
+        for k, v in decoder_inputs.items()
+        if k in _MEMORY_INPUTS
+    }
+    logits, boxes, hidden = run_decoder(model, repeated, queries)
+    return list(zip(logits.split(batch, 1), boxes.split(batch, 1), hidden.split(batch, 1), strict=True))
 
 
 def layer_predictions(

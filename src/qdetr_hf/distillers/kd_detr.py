@@ -17,6 +17,7 @@ from qdetr_hf.distillers.base import (
     check_positive,
     layer_stack,
     run_decoder,
+    run_decoder_sets,
 )
 
 __all__ = [
@@ -268,9 +269,9 @@ class KDDETRDistiller(Distiller):
 
     Detection queries of teacher and student are not paired; KD-DETR instead decodes *extra* query sets, the
     distillation points, with both models on the same inputs, so every student prediction has a consistent teacher
-    partner. Each set is decoded in its own decoder pass (:func:`~qdetr_hf.distillers.base.run_decoder`, reusing the
-    encoder memory of the training forward), never mixed into the detection queries' self-attention, so the detection
-    outputs and the ground-truth loss are unchanged. For plain DETR a query is a learned object-query position
+    partner. Each set is decoded on its own (:func:`~qdetr_hf.distillers.base.run_decoder_sets`, reusing the encoder
+    memory of the training forward), never mixed into the detection queries' self-attention, so the detection outputs
+    and the ground-truth loss are unchanged. For plain DETR a query is a learned object-query position
     embedding, so the extra sets are extra position embeddings.
 
     * **Specific sampling** (``specific=True``): the teacher's learned query embeddings
@@ -288,8 +289,9 @@ class KDDETRDistiller(Distiller):
     ground-truth loss, ``L = L_det + Σ sets`` as in the paper), plus detached statistics ``kd_<set>_cls``,
     ``kd_<set>_l1``, ``kd_<set>_giou`` (unweighted terms) and ``kd_<set>_weight`` (mean query weight).
 
-    Cost: one extra student decoder pass per set and one no-grad teacher decoder pass for the general set; no extra
-    backbone or encoder pass; inference is unchanged. Both sets feed the same query embeddings to both decoders, so
+    Cost: one extra student decoder pass over a batch with the encoder memory repeated once per set (two sets of the
+    same size share the pass) and one no-grad teacher decoder pass for the general set; no extra backbone or encoder
+    pass; inference is unchanged. Both sets feed the same query embeddings to both decoders, so
     teacher and student need the same ``d_model`` (a clear ``ValueError`` otherwise); they must predict the same
     classes (checked by the trainer). Under bf16 / fp16 training the trainer calls the distiller under the same autocast
     as the forward passes, so the extra passes run in the captured encoder memory's precision (do the same in your
@@ -473,10 +475,26 @@ class KDDETRDistiller(Distiller):
         if teacher.logits.shape[0] != batch:
             raise ValueError(f"batch sizes differ: student {batch}, teacher {teacher.logits.shape[0]}")
 
+        sets: dict[str, torch.Tensor] = {}
+        if self.specific:
+            sets["specific"] = teacher_queries.detach().to(device=student_queries.device, dtype=student_queries.dtype)
+        if self.general:
+            num = self.num_general_queries if self.num_general_queries is not None else teacher_queries.shape[0]
+            sets["general"] = sample_general_queries(
+                num,
+                teacher_dim,
+                distribution=self.general_distribution,
+                std=self.general_std,
+                reference=teacher_queries.detach(),
+                generator=self.generator,
+                device=student_queries.device,
+                dtype=student_queries.dtype,
+            )
+        # Both sets in one student decoder pass when they are the same size (the default): half the decoder calls.
+        decoded = dict(zip(sets, run_decoder_sets(student.model, student.decoder_inputs, list(sets.values()))))
         terms: dict[str, torch.Tensor] = {}
         if self.specific:
-            queries = teacher_queries.detach().to(device=student_queries.device, dtype=student_queries.dtype)
-            s_logits, s_boxes, _ = run_decoder(student.model, student.decoder_inputs, queries)
+            s_logits, s_boxes, _ = decoded["specific"]
             terms.update(
                 self._set_terms(
                     "specific",
@@ -488,20 +506,9 @@ class KDDETRDistiller(Distiller):
                 )
             )
         if self.general:
-            num = self.num_general_queries if self.num_general_queries is not None else teacher_queries.shape[0]
-            queries = sample_general_queries(
-                num,
-                teacher_dim,
-                distribution=self.general_distribution,
-                std=self.general_std,
-                reference=teacher_queries.detach(),
-                generator=self.generator,
-                device=student_queries.device,
-                dtype=student_queries.dtype,
-            )
-            s_logits, s_boxes, _ = run_decoder(student.model, student.decoder_inputs, queries)
+            s_logits, s_boxes, _ = decoded["general"]
             with torch.no_grad():
-                t_queries = queries.to(device=teacher_queries.device, dtype=teacher_queries.dtype)
+                t_queries = sets["general"].to(device=teacher_queries.device, dtype=teacher_queries.dtype)
                 t_logits, t_boxes, _ = run_decoder(teacher.model, teacher.decoder_inputs, t_queries)
             terms.update(self._set_terms("general", self.general_weight, s_logits, s_boxes, t_logits[-1], t_boxes[-1]))
         return terms
