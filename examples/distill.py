@@ -36,9 +36,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from qdetr_hf import QDetrForObjectDetection, calibrate
 from qdetr_hf.data import DatasetArguments, DetrCollator, default_image_processor
 from qdetr_hf.distillers import (
+    DEFAULT_MEMORY_WEIGHT,
     CombinedDistiller,
     Distiller,
     DRDDistiller,
+    EncoderMemoryDistiller,
     IDaDetDistiller,
     KDDETRDistiller,
     QSKDDistiller,
@@ -64,12 +66,13 @@ logger = logging.getLogger("distill")
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 DEFAULT_TEACHER = str(EXAMPLES_DIR / "teacher-synthetic")
-DISTILLATION_METHODS = ("drd", "qskd", "kd_detr", "ida", "none")
+DISTILLATION_METHODS = ("drd", "qskd", "kd_detr", "ida", "memory", "none")
 METHOD_NAMES = {
     "drd": "Q-DETR (DA + DRD)",
     "qskd": "QSKD (group query selection, attention-guided features, local prediction alignment)",
     "kd_detr": "KD-DETR (specific + general distillation points)",
     "ida": "IDa-Det adapted to DETR (discrepancy-ranked query pairs, entropy loss)",
+    "memory": "encoder-memory imitation (project addition)",
     "none": "QAT without distillation",
 }
 
@@ -235,6 +238,10 @@ class DistillationArguments:
     ida_gamma: float = field(default=0.6, metadata={"help": "IDa-Det kept fraction of query pairs (code: 0.6)."})
     ida_weight: float = field(default=0.5, metadata={"help": "IDa-Det loss weight (code: 0.5)."})
     ida_pairing: str = field(default="fqm", metadata={"help": "IDa-Det query pairs: fqm or hungarian."})
+    memory_weight: float = field(
+        default=DEFAULT_MEMORY_WEIGHT,
+        metadata={"help": "Weight of the encoder-memory imitation term (--distillation ...+memory; project choice)."},
+    )
 
 
 @dataclass
@@ -273,8 +280,8 @@ long GPU runs they use batch 8, learning rate 6e-4 (paper: 1e-4) and 3,000 steps
 MSE-searched weight and activation steps, the DA affine fitted at calibration, and two deployment options (integer zero
 points, an 8-bit residual stream). On other data start from the paper's --learning_rate 1e-4, set --max_steps for your
 budget (it drops the time limit), and keep the best checkpoint by AP (the main job evaluates every --eval_steps).
-Below 4 bits the best recipe measured at that width replaces parts of it (2 and 3 bits: KD-DETR distillation at
-learning rate 2e-3; README "Below 4 bits"); options on the command line still win."""
+Below 4 bits the best recipe measured at that width replaces parts of it (2 and 3 bits: KD-DETR plus encoder-memory
+imitation at learning rate 2e-3; README "Below 4 bits"); options on the command line still win."""
 
 # Each value below was measured on the synthetic data (README "Main job"); every one can be overridden. A command line
 # that sets its own --max_steps drops the training time limit unless it sets --max_train_minutes too
@@ -306,8 +313,8 @@ MAIN_JOB_DEFAULTS = [
 ]  # fmt: skip
 
 LOW_BIT_DEFAULTS: dict[int, list[str]] = {
-    3: ["--distillation", "kd_detr", "--learning_rate", "2e-3"],
-    2: ["--distillation", "kd_detr", "--learning_rate", "2e-3"],
+    3: ["--distillation", "kd_detr+memory", "--learning_rate", "2e-3"],
+    2: ["--distillation", "kd_detr+memory", "--memory_weight", "10", "--learning_rate", "2e-3"],
 }  # fmt: skip
 """Per ``--weight_bits``, what replaces the main job's options for a student below 4 bits: the best recipe measured at
 that width within the main job's time (benchmarks/results/low_bit.md, README "Below 4 bits")."""
@@ -423,6 +430,8 @@ def build_distiller(
             match_giou_weight=args.drd_match_giou_weight,
             match_l1_weight=args.drd_match_l1_weight,
         )
+    if args.distillation == "memory":
+        return EncoderMemoryDistiller(weight=args.memory_weight)
     raise ValueError(f"--distillation must be one of {DISTILLATION_METHODS}, got {args.distillation!r}.")
 
 

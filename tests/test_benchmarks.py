@@ -114,6 +114,9 @@ def test_low_bit_quick_mode(tmp_path, tiny_teacher_dir):
     sqnr_2, sqnr_4 = (results["ablation"][f"{b}-{b}-8, calibrated, untrained"]["activation_sqnr"] for b in (2, 4))
     assert set(sqnr_2) == set(low_bit.GROUPS)
     assert all(sqnr_4[g] > sqnr_2[g] + 3 for g in low_bit.GROUPS if g != "stem")
+    # ... and leave the encoder memory closer to the teacher's.
+    memory_2, memory_4 = (results["ablation"][f"{b}-{b}-8, calibrated, untrained"]["memory_error"] for b in (2, 4))
+    assert 0 < memory_4 < memory_2
     mixed = "mixed precision at the 2-2-8 size, 8-bit heads, 4-bit activations"
     results = low_bit.main(["--part", "runs", "--rows", "2-2-8", mixed, *common])
     assert set(results["ablation"]) == {f"{b}-{b}-8, calibrated, untrained" for b in (2, 4)}  # earlier rows are kept
@@ -126,7 +129,7 @@ def test_low_bit_quick_mode(tmp_path, tiny_teacher_dir):
     (trained,) = (tmp_path / "work").glob("2-2-8-2steps")
     results = low_bit.main(["--part", "ablation", "--bits", "--trained", str(trained), *common])
     row = results["ablation"]["2-2-8, trained (2-2-8-2steps)"]
-    assert set(row) == {"all", "activation_sqnr"} and set(row["activation_sqnr"]) == set(low_bit.GROUPS)
+    assert set(row) == {"all", "activation_sqnr", "memory_error"} and set(row["activation_sqnr"]) == set(low_bit.GROUPS)
     text = (tmp_path / "results" / "low_bit.md").read_text()
     assert text.count("| 2-2-8, trained (2-2-8-2steps) |") == 1 and text.count("| 2-2-8, calibrated, untrained |") == 2
 
@@ -142,6 +145,20 @@ def test_activation_sqnr_sees_no_noise_without_quantizers(tiny_teacher_dir):
     assert set(low_bit.activation_sqnr(model, dataset, collator)) == set(low_bit.GROUPS)
     with quantization_disabled(model):  # every quantizer passes its input through: no noise, no group to report
         assert low_bit.activation_sqnr(model, dataset, collator) == {}
+
+
+def test_memory_error_is_zero_against_itself_and_grows_with_quantization(tiny_teacher_dir):
+    from transformers import DetrForObjectDetection
+
+    from qdetr_hf import QDetrForObjectDetection, calibrate
+
+    low_bit = _load("low_bit")
+    dataset, collator = low_bit._val(4, 64)
+    teacher = DetrForObjectDetection.from_pretrained(tiny_teacher_dir).eval()
+    assert low_bit.memory_error(teacher, teacher, dataset, collator) == 0.0
+    model = QDetrForObjectDetection.from_pretrained(tiny_teacher_dir, weight_bits=2, activation_bits=2)
+    calibrate(model, [collator([dataset[i] for i in range(4)])])
+    assert low_bit.memory_error(model, teacher, dataset, collator) > 0.0
 
 
 def test_low_bit_time_budget_rows_are_kept_per_processor(tmp_path, monkeypatch):

@@ -145,7 +145,7 @@ def test_main_job_writes_a_complete_hub_ready_folder(tmp_path, tiny_teacher_dir,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["qskd", "kd_detr", "ida", "none", "drd+qskd"])
+@pytest.mark.parametrize("method", ["qskd", "kd_detr", "ida", "none", "drd+qskd", "kd_detr+memory"])
 def test_every_distillation_method_runs_from_the_command_line(tmp_path, tiny_teacher_dir, distill, method):
     output_dir = tmp_path / method
     args = ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(output_dir), *TINY_RUN]
@@ -193,6 +193,7 @@ def test_a_low_bit_width_brings_its_own_defaults_and_the_command_line_still_wins
         expected = dict(zip(distill.LOW_BIT_DEFAULTS[bits][::2], distill.LOW_BIT_DEFAULTS[bits][1::2], strict=True))
         assert distill_args.distillation == expected["--distillation"] and model_args.weight_bits == bits
         assert training_args.learning_rate == float(expected.get("--learning_rate", main_job_lr))
+        assert distill_args.memory_weight == float(expected.get("--memory_weight", distill.DEFAULT_MEMORY_WEIGHT))
         assert training_args.max_train_minutes == 12  # still the main job's time budget
     assert parsed("--weight_bits", "3", "--learning_rate", "1e-4")[2].learning_rate == 1e-4
     assert parsed("--learning_rate", "1e-4", "--weight_bits", "3")[2].learning_rate == 1e-4
@@ -222,6 +223,11 @@ def test_methods_combine_with_a_plus(distill):
     assert isinstance(combined, CombinedDistiller) and combined.name == "drd+qskd"
     drd, qskd = combined.distillers
     assert drd.weight == 1.5 and qskd.feature_weight == 0.5  # each part keeps its own flags
+    args = distill.DistillationArguments(distillation="kd_detr+memory", memory_weight=3.0)
+    kd_detr, memory = distill.build_distiller(args, 128, 128).distillers
+    assert kd_detr.name == "kd_detr" and memory.name == "memory" and memory.weight == 3.0
+    with pytest.raises(ValueError, match="memory weight"):
+        distill.build_distiller(distill.DistillationArguments(distillation="memory", memory_weight=-1.0))
     for bad, message in [
         ("drd+foo", "must be one of"),
         ("drd+drd", "distinct methods"),

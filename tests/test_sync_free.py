@@ -24,6 +24,7 @@ from qdetr_hf import QDetrForObjectDetection
 from qdetr_hf.box_ops import elementwise_generalized_box_iou, pad_targets, pairwise_generalized_box_iou
 from qdetr_hf.distillers import (
     DRDDistiller,
+    EncoderMemoryDistiller,
     IDaDetDistiller,
     KDDETRDistiller,
     QSKDDistiller,
@@ -188,6 +189,7 @@ DISTILLERS = {
     "kd_detr": lambda: KDDETRDistiller(),
     "ida": lambda: IDaDetDistiller(tau=0.3),
     "ida_hungarian": lambda: IDaDetDistiller(pairing="hungarian"),
+    "memory": lambda: EncoderMemoryDistiller(),
 }
 
 

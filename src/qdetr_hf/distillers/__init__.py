@@ -39,6 +39,7 @@ from qdetr_hf.distillers.kd_detr import (
     kd_detr_set_loss,
     sample_general_queries,
 )
+from qdetr_hf.distillers.memory import DEFAULT_MEMORY_WEIGHT, EncoderMemoryDistiller, memory_imitation_loss
 from qdetr_hf.distillers.qskd import (
     DETR_MATCHER_COSTS,
     GQSResult,
@@ -56,13 +57,15 @@ DISTILLERS: dict[str, type[Distiller]] = {
     QSKDDistiller.name: QSKDDistiller,
     KDDETRDistiller.name: KDDETRDistiller,
     IDaDetDistiller.name: IDaDetDistiller,
+    EncoderMemoryDistiller.name: EncoderMemoryDistiller,
 }
-"""Distiller classes by method name (``"drd"``, ``"qskd"``, ``"kd_detr"``, ``"ida"``)."""
+"""Distiller classes by method name (``"drd"``, ``"qskd"``, ``"kd_detr"``, ``"ida"``, ``"memory"``)."""
 
 __all__ = [
     "DEFAULT_DRD_WEIGHT",
     "DEFAULT_IDA_GAMMA",
     "DEFAULT_IDA_WEIGHT",
+    "DEFAULT_MEMORY_WEIGHT",
     "DETR_MATCHER_COSTS",
     "DISTILLERS",
     "GENERAL_DISTRIBUTIONS",
@@ -71,6 +74,7 @@ __all__ = [
     "DRDDistiller",
     "DetectorOutputs",
     "Distiller",
+    "EncoderMemoryDistiller",
     "FQMResult",
     "GQSResult",
     "IDaDetDistiller",
@@ -96,6 +100,7 @@ __all__ = [
     "layer_predictions",
     "local_alignment_matching",
     "local_alignment_prediction_loss",
+    "memory_imitation_loss",
     "resolve_layers",
     "run_decoder",
     "run_decoder_sets",
