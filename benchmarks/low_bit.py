@@ -85,7 +85,7 @@ ROWS: dict[str, list[str]] = {
     "mixed precision at the 3-3-8 size, 8-bit heads, 3-bit activations": mixed("3-3-8", 3, "drd"),
     "mixed precision at the 2-2-8 size, 8-bit heads, 3-bit activations": mixed("2-2-8", 3, "drd"),
     "mixed precision at the 2-2-8 size, 8-bit heads, 4-bit activations": mixed("2-2-8", 4, "drd"),
-    # KD-DETR's steps cost about 1.45x DRD's (benchmarks/results/speed.md): compare it under a time budget (--minutes).
+    # KD-DETR's steps cost more than DRD's (benchmarks/speed.py): compare it under a time budget (--minutes).
     "3-3-8, KD-DETR": ["--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr"],
     "2-2-8, KD-DETR": ["--weight_bits", "2", "--activation_bits", "2", "--distillation", "kd_detr"],
     "mixed precision at the 2-2-8 size, 8-bit heads, 3-bit activations, KD-DETR": mixed("2-2-8", 3, "kd_detr"),
