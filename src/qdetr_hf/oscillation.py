@@ -118,21 +118,16 @@ class OscillationTracker(TrainerCallback):
                     "frozen": torch.zeros_like(codes, dtype=torch.bool),
                 }
                 continue
-            change = (codes - state["codes"]).sign_().to(torch.int8)
+            frozen = state["frozen"]  # frozen weights keep their statistics; their value is restored below
+            change = (codes - state["codes"]).sign().to(torch.int8)
             changed = change != 0
             oscillated = changed & (state["direction"] == -change)
+            frequency = state["frequency"] * (1 - m) + oscillated.float() * m
+            state["frequency"] = torch.where(frozen, state["frequency"], frequency)
+            state["direction"] = torch.where(changed & ~frozen, change, state["direction"])
+            state["ema_code"] = torch.where(frozen, state["ema_code"], state["ema_code"] * (1 - m) + codes.float() * m)
             state["codes"] = codes
-            if self.freeze_threshold is None:  # nothing frozen: the statistics update in place (every weight moves)
-                state["frequency"].mul_(1 - m).add_(oscillated, alpha=m)
-                state["direction"] = torch.where(changed, change, state["direction"])
-                state["ema_code"].mul_(1 - m).add_(codes, alpha=m)
-            else:  # frozen weights keep their statistics; their value is restored below
-                frozen = state["frozen"]
-                frequency = state["frequency"] * (1 - m) + oscillated.float() * m
-                state["frequency"] = torch.where(frozen, state["frequency"], frequency)
-                state["direction"] = torch.where(changed & ~frozen, change, state["direction"])
-                ema_code = state["ema_code"] * (1 - m) + codes.float() * m
-                state["ema_code"] = torch.where(frozen, state["ema_code"], ema_code)
+            if self.freeze_threshold is not None:
                 frozen |= state["frequency"] > self.freeze_threshold
                 frozen_codes = state["ema_code"].round()
                 step = layer.weight_quantizer.step.detach().expand_as(layer.weight)
