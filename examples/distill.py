@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoImageProcessor, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from qdetr_hf import QDetrForObjectDetection, calibrate
+from qdetr_hf import BitWidthAnnealing, QDetrForObjectDetection, calibrate
 from qdetr_hf.data import DatasetArguments, DetrCollator, default_image_processor
 from qdetr_hf.distillers import (
     DEFAULT_MEMORY_WEIGHT,
@@ -157,6 +157,16 @@ class LowBitArguments:
     progressive_fraction: float = field(
         default=0.5, metadata={"help": "Share of the steps (and of the time limit) spent at --progressive_from_bits."}
     )
+    anneal_from_bits: int | None = field(
+        default=None,
+        metadata={
+            "help": "Bit-width annealing (one run): start at these weight and activation bits and lower them one bit "
+            "at a time to --weight_bits/--activation_bits within the first --anneal_fraction of the schedule."
+        },
+    )
+    anneal_fraction: float = field(
+        default=0.25, metadata={"help": "Share of the schedule over which --anneal_from_bits falls to the targets."}
+    )
     oscillation_dampening: float = field(
         default=0.0,
         metadata={"help": "Weight of Nagel et al.'s oscillation dampening loss (0: off)."},
@@ -184,6 +194,19 @@ class LowBitArguments:
             raise ValueError(f"--progressive_from_bits must be between 2 and 8, got {self.progressive_from_bits}.")
         if not 0 < self.progressive_fraction < 1:
             raise ValueError(f"--progressive_fraction must be in (0, 1), got {self.progressive_fraction}.")
+        if self.anneal_from_bits is not None and not 2 <= self.anneal_from_bits <= 8:
+            raise ValueError(f"--anneal_from_bits must be between 2 and 8, got {self.anneal_from_bits}.")
+        if not 0 < self.anneal_fraction < 1:
+            raise ValueError(f"--anneal_fraction must be in (0, 1), got {self.anneal_fraction}.")
+        if self.anneal_from_bits is not None and self.progressive_from_bits is not None:
+            raise ValueError(
+                "--anneal_from_bits and --progressive_from_bits are two progressive schedules: choose one."
+            )
+        if self.anneal_from_bits is not None and self.oscillation_freeze_threshold is not None:
+            raise ValueError(
+                "--oscillation_freeze_threshold cannot be combined with --anneal_from_bits: frozen codes belong to one "
+                "width."
+            )
         if self.oscillation_dampening < 0:
             raise ValueError(f"--oscillation_dampening must be >= 0, got {self.oscillation_dampening}.")
         if self.oscillation_freeze_threshold is not None and not 0 < self.oscillation_freeze_threshold < 1:
@@ -608,6 +631,8 @@ def train_student(
     )
     trainer.oscillation = OscillationTracker(student, freeze_threshold=low_bit.oscillation_freeze_threshold)
     trainer.add_callback(trainer.oscillation)
+    if low_bit.anneal_from_bits is not None:
+        trainer.add_callback(BitWidthAnnealing(student, low_bit.anneal_from_bits, low_bit.anneal_fraction))
     if checkpoint:
         logger.info(f"Resuming from {checkpoint}")
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -731,6 +756,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(str(error))
     if model_args.two_stage and low_bit_args.progressive_from_bits is not None:
         parser.error("--two_stage and --progressive_from_bits are both first stages: choose one.")
+    if model_args.two_stage and low_bit_args.anneal_from_bits is not None:
+        parser.error("--two_stage and --anneal_from_bits are both schedules of the widths: choose one.")
+    if low_bit_args.anneal_from_bits is not None and low_bit_args.anneal_from_bits <= min(
+        model_args.weight_bits, model_args.activation_bits
+    ):
+        parser.error(
+            f"--anneal_from_bits {low_bit_args.anneal_from_bits} must be above --weight_bits or --activation_bits "
+            f"({model_args.weight_bits}, {model_args.activation_bits}): there is nothing to anneal."
+        )
     set_seed(training_args.seed)
     threads = configure_cpu_threads(training_args)
     logger.info(f"PyTorch uses {threads} CPU thread(s) per process")
@@ -859,6 +893,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         method += " + oscillation freezing"
     if low_bit_args.progressive_from_bits is not None:
         method += f", progressive from {low_bit_args.progressive_from_bits} bits"
+    if low_bit_args.anneal_from_bits is not None:
+        method += f", bit widths annealed from {low_bit_args.anneal_from_bits} bits"
     student_row = f"student {bits}, {distill_args.distillation}" + (" (below start)" if below_start else "")
     for name, metrics, eff in [
         ("teacher (fp32)", teacher_metrics, teacher_eff),

@@ -17,6 +17,7 @@ from transformers import AutoImageProcessor, DetrConfig, DetrForObjectDetection
 
 from qdetr_hf import DistributionAlignment, QDetrForObjectDetection
 from qdetr_hf.distillers import CombinedDistiller
+from qdetr_hf.quantization import quantized_layers
 from qdetr_hf.trainer import files_to_push
 
 TINY_RUN = [
@@ -503,3 +504,34 @@ def test_low_bit_remedies_from_the_command_line(tmp_path, tiny_teacher_dir, dist
         distill.main(
             [*base, "--output_dir", str(tmp_path / "both"), "--two_stage", "true", "--progressive_from_bits", "4"]
         )
+
+
+@pytest.mark.slow
+def test_bit_width_annealing_from_the_command_line(tmp_path, tiny_teacher_dir, distill, caplog, capsys):
+    base = ["--teacher_model_name_or_path", str(tiny_teacher_dir), *TINY_RUN, "--num_visualized", "1"]
+    low = ["--weight_bits", "2", "--activation_bits", "2"]
+    with caplog.at_level("INFO"):
+        results = distill.main(
+            [
+                *base, *low, "--output_dir", str(tmp_path / "anneal"), "--max_steps", "4",
+                "--anneal_from_bits", "4", "--anneal_fraction", "0.5",
+            ]
+        )  # fmt: skip
+    # One run of 4 steps: the first at 4 bits, the second at 3, the last two at 2 (half of 4 steps is 2).
+    assert results["bits"] == "2-2-8" and results["steps"] == 4
+    assert results["method"].endswith(", bit widths annealed from 4 bits")
+    assert "training starts at 4 bits, down to the model's widths over the first 2 steps" in caplog.text
+    assert "quantizers at most 3 bits from step 1" in caplog.text and "at most 2 bits from step 2" in caplog.text
+    assert (tmp_path / "anneal" / "checkpoint-2").is_dir()  # saved once the widths reached 2 bits
+    model = QDetrForObjectDetection.from_pretrained(tmp_path / "anneal")
+    codes = [layer.weight_quantizer.codes(layer.weight) for layer in list(quantized_layers(model).values())[1:]]
+    assert all(c.min() >= -2 and c.max() <= 1 for c in codes)  # the saved weights lie on the 2-bit grids
+    for bad, message in [
+        (["--anneal_from_bits", "2"], "nothing to anneal"),
+        (["--anneal_from_bits", "4", "--progressive_from_bits", "4"], "two progressive schedules"),
+        (["--anneal_from_bits", "4", "--oscillation_freeze_threshold", "0.02"], "frozen codes belong to one width"),
+        (["--anneal_from_bits", "4", "--anneal_fraction", "1"], "anneal_fraction must be in"),
+    ]:
+        with pytest.raises((SystemExit, ValueError)) as error:
+            distill.main([*base, *low, "--output_dir", str(tmp_path / "bad"), *bad])
+        assert message in (capsys.readouterr().err if error.type is SystemExit else str(error.value))

@@ -7,6 +7,7 @@ load with ``trust_remote_code=True`` where this package is not installed.
 
 from transformers import AutoConfig, AutoModelForObjectDetection
 
+from .annealing import BitWidthAnnealing
 from .configuration_qdetr import QDetrConfig
 from .mixed_precision import LayerSensitivity, allocate_bits, choose_bit_widths, layer_sensitivity
 from .modeling_qdetr import QDetrForObjectDetection
@@ -33,6 +34,7 @@ QDetrConfig.register_for_auto_class()
 QDetrForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
 
 __all__ = [
+    "BitWidthAnnealing",
     "DistributionAlignment",
     "LSQActivationQuantizer",
     "LSQWeightQuantizer",

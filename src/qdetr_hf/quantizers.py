@@ -187,6 +187,12 @@ class LSQWeightQuantizer(_Quantizer):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, init={self.init!r}"
 
+    def set_bits(self, bits: int) -> None:
+        """Change the bit width in place (the step stays the same ``Parameter``, so an optimizer holding it keeps
+        working). The step itself is left as it is: re-initialise it for the new width with :meth:`initialize_from`."""
+        self.bits = check_bits(bits)
+        self.qn, self.qp = quant_range(self.bits, signed=True)
+
     def initial_step(self, weight: torch.Tensor) -> torch.Tensor:
         """The initial step per output channel under this quantizer's ``init`` (:meth:`lsq_init` or :meth:`mse_init`)."""
         return self.mse_init(weight) if self.init == "mse" else self.lsq_init(weight)
@@ -387,6 +393,17 @@ class LSQActivationQuantizer(_Quantizer):
     def use_step_candidate(self, index: int) -> None:
         """Multiply the step by ``MSE_STEP_MULTIPLIERS[index]``, the candidate :meth:`step_errors` ranked best."""
         self.scale_step(MSE_STEP_MULTIPLIERS[index])
+
+    @torch.no_grad()
+    def set_bits(self, bits: int) -> None:
+        """Change the bit width in place, keeping the span of the levels: the step becomes ``s (2^b - 1) / (2^b' -
+        1)`` (``Qp - Qn = 2^b - 1``, signed or not) and the offset stays, so an unsigned range keeps its lowest and
+        highest levels where calibration or training put them (a signed one its span, both ends moving by ``(s - s') /
+        2``). The parameters stay the same objects, so an optimizer holding them keeps working."""
+        old_levels = 2**self.bits - 1
+        self.bits = check_bits(bits)
+        self.raw_step.copy_((self.step * (old_levels / (2**self.bits - 1))).clamp_min(STEP_EPS))
+        self._cached_range = None
 
     @torch.no_grad()
     def reset_calibration(self) -> None:
