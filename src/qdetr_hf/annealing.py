@@ -92,13 +92,13 @@ class BitWidthAnnealing(TrainerCallback):
         forget: list[torch.Tensor] = []
         for name, layer in self.layers.items():
             weight_target, input_target = self.targets[name]
-            wanted = max(weight_target, min(level, self.start_bits)) if weight_target < self.start_bits else None
+            wanted = max(weight_target, level) if weight_target < self.start_bits else None
             if wanted is not None and layer.weight_quantizer.bits != wanted:
                 layer.weight_quantizer.set_bits(wanted)
                 layer.weight_quantizer.initialize_from(layer.weight)
                 forget.append(layer.weight_quantizer.raw_step)
                 changed.append(f"{name}.weight_quantizer")
-            wanted = max(input_target, min(level, self.start_bits)) if input_target < self.start_bits else None
+            wanted = max(input_target, level) if input_target < self.start_bits else None
             if wanted is not None and layer.input_quantizer.bits != wanted:
                 layer.input_quantizer.set_bits(wanted)
                 forget.append(layer.input_quantizer.raw_step)
