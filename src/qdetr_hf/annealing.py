@@ -91,18 +91,16 @@ class BitWidthAnnealing(TrainerCallback):
         changed: list[str] = []
         forget: list[torch.Tensor] = []
         for name, layer in self.layers.items():
-            weight_target, input_target = self.targets[name]
-            wanted = max(weight_target, level) if weight_target < self.start_bits else None
-            if wanted is not None and layer.weight_quantizer.bits != wanted:
-                layer.weight_quantizer.set_bits(wanted)
-                layer.weight_quantizer.initialize_from(layer.weight)
-                forget.append(layer.weight_quantizer.raw_step)
-                changed.append(f"{name}.weight_quantizer")
-            wanted = max(input_target, level) if input_target < self.start_bits else None
-            if wanted is not None and layer.input_quantizer.bits != wanted:
-                layer.input_quantizer.set_bits(wanted)
-                forget.append(layer.input_quantizer.raw_step)
-                changed.append(f"{name}.input_quantizer")
+            for kind, target in zip(("weight_quantizer", "input_quantizer"), self.targets[name]):
+                quantizer = getattr(layer, kind)
+                wanted = max(target, level)
+                if target >= self.start_bits or quantizer.bits == wanted:
+                    continue
+                quantizer.set_bits(wanted)
+                if kind == "weight_quantizer":  # weight steps start afresh; activation steps keep their span
+                    quantizer.initialize_from(layer.weight)
+                forget.append(quantizer.raw_step)
+                changed.append(f"{name}.{kind}")
         state = getattr(optimizer, "state", None)
         if state is not None:
             for parameter in forget:
