@@ -25,7 +25,7 @@ from qdetr_hf.trainer import (
     configure_cpu_threads,
     load_teacher,
 )
-from qdetr_hf.transformers_compat import STAGING_DIR
+from qdetr_hf.transformers_compat import STAGING_DIR, schedule_length, set_schedule_length
 
 
 def make_args(tmp_path, **overrides) -> QDetrTrainingArguments:
@@ -518,6 +518,24 @@ def test_time_limit_fits_the_learning_rate_schedule_to_the_projected_last_step(t
     state.global_step, clock.now = 10, clock.now + 10
     roomy.on_step_end(args, state, control, lr_scheduler=scheduler)
     assert roomy.fitted_steps is None and scheduler.lr_lambdas[0].keywords["num_training_steps"] == 200
+
+
+def test_schedule_length_reads_and_refits_only_get_scheduler_schedules():
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=10)
+    assert schedule_length(scheduler) == 10
+    set_schedule_length(scheduler, 6)
+    assert schedule_length(scheduler) == 6
+    assert [round(f(4), 6) for f in scheduler.lr_lambdas] == [0.5]  # (6 - 4) / (6 - 2): decays over 6 steps now
+    assert scheduler.lr_lambdas[0].keywords["num_warmup_steps"] == 2
+
+    # Any other schedule has no length to read; refitting it is refused, and the time limit leaves it alone.
+    other = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    assert schedule_length(other) is None and schedule_length(None) is None
+    with pytest.raises(ValueError, match="get_scheduler"):
+        set_schedule_length(other, 6)
 
 
 def test_time_limit_stops_at_the_step_that_uses_up_the_budget(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from typing import Any
@@ -13,6 +12,7 @@ from transformers import TrainerCallback
 
 from .calibration import quantized_layers
 from .configuration_qdetr import check_bits
+from .transformers_compat import schedule_length
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +80,7 @@ class BitWidthAnnealing(TrainerCallback):
     def anneal_steps(self, state: Any, lr_scheduler: Any = None) -> int:
         """Steps over which the widths fall: ``fraction`` of the learning-rate schedule's length (``max_steps`` when
         the schedule does not say), at least 1."""
-        lambdas = getattr(lr_scheduler, "lr_lambdas", None) or []
-        lengths = [f.keywords.get("num_training_steps") for f in lambdas if isinstance(f, functools.partial)]
-        total = lengths[0] if lengths and lengths[0] else state.max_steps
+        total = schedule_length(lr_scheduler) or state.max_steps
         return max(1, math.ceil(self.fraction * total))
 
     @torch.no_grad()

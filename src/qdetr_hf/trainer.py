@@ -31,7 +31,7 @@ from .distillers.base import (
 from .hub_utils import check_local_path
 from .metrics import detection_gather_for_metrics, make_compute_metrics
 from .quantization import activation_quantizers, calibrate, is_calibrated
-from .transformers_compat import DistillationTrainerOverrides
+from .transformers_compat import DistillationTrainerOverrides, schedule_length, set_schedule_length
 
 logger = logging.get_logger(__name__)
 
@@ -302,18 +302,14 @@ class TimeLimitCallback(TrainerCallback):
         elapsed = self.clock() - self.started
         per_step = self.slowest(elapsed / steps)
         projected = state.global_step + int((60.0 * self.minutes - elapsed) / per_step)
-        lambdas = getattr(lr_scheduler, "lr_lambdas", None)
-        if not lambdas or not all(
-            isinstance(f, functools.partial) and "num_training_steps" in f.keywords for f in lambdas
-        ):
+        current = schedule_length(lr_scheduler)
+        if current is None:
             return
-        current = lambdas[0].keywords["num_training_steps"]
-        target = max(min(projected, state.max_steps), lambdas[0].keywords.get("num_warmup_steps", 0) + 1)
+        warmup = lr_scheduler.lr_lambdas[0].keywords.get("num_warmup_steps", 0)
+        target = max(min(projected, state.max_steps), warmup + 1)
         if target == current or (target > current and current >= state.max_steps):
             return
-        lr_scheduler.lr_lambdas = [
-            functools.partial(f.func, *f.args, **{**f.keywords, "num_training_steps": target}) for f in lambdas
-        ]
+        set_schedule_length(lr_scheduler, target)
         self.fitted_steps = target
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -12,6 +12,10 @@ transformers):
   ``Trainer._get_output_dir`` for the duration of the call.
 - ``PreTrainedModel._check_and_adjust_attn_implementation``: a quantized model always runs its own attention function.
 
+Also here: the length of a learning-rate schedule made by ``transformers.get_scheduler``, read from and written to
+the ``functools.partial`` keywords (``num_training_steps``) of its ``LambdaLR`` (:func:`schedule_length`,
+:func:`set_schedule_length`; used by the time limit and bit-width annealing).
+
 Private attributes read or set elsewhere: ``PreTrainedModel._keys_to_ignore_on_load_missing`` and
 ``config._attn_implementation_internal`` (modeling_qdetr.py), and the ``_is_hf_initialized`` mark of parameters that
 transformers' weight initialisation skips (quantization.py, packing.py, modeling_qdetr.py).
@@ -20,6 +24,7 @@ transformers' weight initialisation skips (quantization.py, packing.py, modeling
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -37,6 +42,25 @@ logger = logging.get_logger(__name__)
 STAGING_DIR = "_staging"
 """Sub-folder of ``output_dir`` where checkpoints are written before being renamed into place (atomic save). Its
 leading underscore keeps it out of ``Trainer.push_to_hub`` uploads."""
+
+
+def schedule_length(lr_scheduler: Any) -> int | None:
+    """The number of steps a schedule made by ``transformers.get_scheduler`` decays over (the ``num_training_steps``
+    of every ``partial`` in its ``LambdaLR``), or None for any other schedule."""
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    if not lambdas or not all(isinstance(f, functools.partial) and "num_training_steps" in f.keywords for f in lambdas):
+        return None
+    return lambdas[0].keywords["num_training_steps"]
+
+
+def set_schedule_length(lr_scheduler: Any, steps: int) -> None:
+    """Make a schedule of :func:`schedule_length` decay over ``steps`` steps instead (warm-up unchanged)."""
+    if schedule_length(lr_scheduler) is None:
+        raise ValueError(f"Only schedules made by transformers' get_scheduler can be refitted, got {lr_scheduler!r}.")
+    lr_scheduler.lr_lambdas = [
+        functools.partial(f.func, *f.args, **{**f.keywords, "num_training_steps": steps})
+        for f in lr_scheduler.lr_lambdas
+    ]
 
 
 class DistillationTrainerOverrides:
