@@ -144,6 +144,16 @@ ROWS: dict[str, list[str]] = {
         "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr+memory", "--memory_weight", "30",
         "--learning_rate", "2e-3", "--anneal_from_bits", "4", "--anneal_fraction", "0.25",
     ],
+    # The two levers left at the main job's budget: a larger learning rate, made safe by a longer warm-up (4e-3
+    # collapsed KD-DETR alone with 50 warm-up steps), and Nagel et al.'s oscillation handling with the default recipe.
+    "3-3-8, KD-DETR + memory imitation (weight 30), learning rate 3e-3, 200 warm-up steps": [
+        "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr+memory", "--memory_weight", "30",
+        "--learning_rate", "3e-3", "--warmup_steps", "200",
+    ],
+    "3-3-8, KD-DETR + memory imitation (weight 30), learning rate 2e-3, oscillation dampening + freezing": [
+        "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr+memory", "--memory_weight", "30",
+        "--learning_rate", "2e-3", "--oscillation_dampening", "0.5", "--oscillation_freeze_threshold", "0.02",
+    ],
 }  # fmt: skip
 
 
