@@ -195,11 +195,13 @@ def test_a_low_bit_width_brings_its_own_defaults_and_the_command_line_still_wins
         assert distill_args.distillation == expected["--distillation"] and model_args.weight_bits == bits
         assert training_args.learning_rate == float(expected.get("--learning_rate", main_job_lr))
         assert distill_args.memory_weight == float(expected.get("--memory_weight", distill.DEFAULT_MEMORY_WEIGHT))
+        assert distill_args.kd_general == (expected.get("--kd_general", "true") == "true")
         assert training_args.max_train_minutes == 12  # still the main job's time budget
     assert parsed("--weight_bits", "3", "--learning_rate", "1e-4")[2].learning_rate == 1e-4
     assert parsed("--learning_rate", "1e-4", "--weight_bits", "3")[2].learning_rate == 1e-4
     assert parsed("--weight-bits=3")[1].distillation == distill.LOW_BIT_DEFAULTS[3][1]  # any spelling
     assert parsed("--weight_bits", "3", "--distillation", "drd")[1].distillation == "drd"
+    assert parsed("--weight_bits", "3", "--kd_general", "true")[1].kd_general  # a flag the defaults set, given back
     assert parsed("--distillation", "qskd", "--weight_bits", "3")[1].distillation == "qskd"
 
 
