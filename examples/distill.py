@@ -402,9 +402,13 @@ def distillation_methods(value: str) -> tuple[str, ...]:
     return methods
 
 
-def method_name(value: str) -> str:
-    """The model-card name of ``--distillation`` (methods joined by ``' + '``)."""
-    return " + ".join(METHOD_NAMES[m] for m in distillation_methods(value))
+def method_name(value: str, kd_specific: bool = True, kd_general: bool = True) -> str:
+    """The model-card name of ``--distillation`` (methods joined by ``' + '``), naming KD-DETR's one sampling set when
+    ``--kd_specific`` or ``--kd_general`` turned the other off."""
+    names = dict(METHOD_NAMES)
+    if not (kd_specific and kd_general):
+        names["kd_detr"] = f"KD-DETR ({'specific' if kd_specific else 'general'} distillation points only)"
+    return " + ".join(names[m] for m in distillation_methods(value))
 
 
 def build_distiller(
@@ -885,7 +889,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher_eff = efficiency_report(teacher, image_size)
     student_eff = efficiency_report(trainer.model, image_size)
     bits = trainer.model.config.bit_notation
-    method = method_name(distill_args.distillation)
+    method = method_name(distill_args.distillation, distill_args.kd_specific, distill_args.kd_general)
     if distill_args.distillation == "drd" and model_args.distribution_alignment == "none":
         method = "DRD distillation without DA"
     if low_bit_args.oscillation_dampening > 0:

@@ -221,6 +221,10 @@ def test_methods_combine_with_a_plus(distill):
     assert distill.distillation_methods("drd") == ("drd",)
     assert distill.distillation_methods("drd+qskd") == ("drd", "qskd")
     assert distill.method_name("drd+kd_detr") == f"{distill.METHOD_NAMES['drd']} + {distill.METHOD_NAMES['kd_detr']}"
+    # The 3-bit default drops KD-DETR's general set: the model card must not claim both sets.
+    only_specific = distill.method_name("kd_detr+memory", kd_general=False)
+    assert only_specific == f"KD-DETR (specific distillation points only) + {distill.METHOD_NAMES['memory']}"
+    assert distill.method_name("kd_detr", kd_specific=False) == "KD-DETR (general distillation points only)"
     args = distill.DistillationArguments(distillation="drd+qskd", drd_weight=1.5, qskd_feature_weight=0.5)
     combined = distill.build_distiller(args, 128, 128)
     assert isinstance(combined, CombinedDistiller) and combined.name == "drd+qskd"
