@@ -59,6 +59,19 @@ def mixed(size: str, activation_bits: int, method: str) -> list[str]:
     ]  # fmt: skip
 
 
+# The 3-bit default's recipe as measured (KD-DETR + encoder-memory imitation at weight 30); its rows add a learning
+# rate and what they vary.
+KD_MEMORY_3BIT = [
+    "--weight_bits",
+    "3",
+    "--activation_bits",
+    "3",
+    "--distillation",
+    "kd_detr+memory",
+    "--memory_weight",
+    "30",
+]
+
 # Every row names its distillation method: below 4 bits examples/distill.py picks its own (LOW_BIT_DEFAULTS).
 ROWS: dict[str, list[str]] = {
     "3-3-8": ["--weight_bits", "3", "--activation_bits", "3", "--distillation", "drd"],
@@ -129,37 +142,31 @@ ROWS: dict[str, list[str]] = {
     # than the weights' 2e-3: the main job's slower 6e-4, or 4e-3 (at which the whole model collapsed).
     **{
         f"3-3-8, KD-DETR + memory imitation (weight 30), learning rate 2e-3, quantizer learning rate {rate}": [
-            "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr+memory", "--memory_weight", "30",
-            "--learning_rate", "2e-3", "--quantizer_learning_rate", rate,
+            *KD_MEMORY_3BIT, "--learning_rate", "2e-3", "--quantizer_learning_rate", rate,
         ]
         for rate in ("6e-4", "4e-3")
     },
     # The progressive schedule with the 3-bit default's recipe (DRD's row halved the 3-bit steps and lost AP).
     "3-3-8, KD-DETR + memory imitation (weight 30), learning rate 2e-3, progressive: a quarter of the steps at 4-4-8": [
-        "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr+memory", "--memory_weight", "30",
-        "--learning_rate", "2e-3", "--progressive_from_bits", "4", "--progressive_fraction", "0.25",
+        *KD_MEMORY_3BIT, "--learning_rate", "2e-3", "--progressive_from_bits", "4", "--progressive_fraction", "0.25",
     ],
     # The same in one run: the widths fall from 4 to 3 bits after the first quarter of the schedule (BitWidthAnnealing).
     "3-3-8, KD-DETR + memory imitation (weight 30), learning rate 2e-3, widths annealed from 4 bits over a quarter": [
-        "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr+memory", "--memory_weight", "30",
-        "--learning_rate", "2e-3", "--anneal_from_bits", "4", "--anneal_fraction", "0.25",
+        *KD_MEMORY_3BIT, "--learning_rate", "2e-3", "--anneal_from_bits", "4", "--anneal_fraction", "0.25",
     ],
     # The two levers left at the main job's budget: a larger learning rate, made safe by a longer warm-up (4e-3
     # collapsed KD-DETR alone with 50 warm-up steps), and Nagel et al.'s oscillation handling with the default recipe.
     "3-3-8, KD-DETR + memory imitation (weight 30), learning rate 3e-3, 200 warm-up steps": [
-        "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr+memory", "--memory_weight", "30",
-        "--learning_rate", "3e-3", "--warmup_steps", "200",
+        *KD_MEMORY_3BIT, "--learning_rate", "3e-3", "--warmup_steps", "200",
     ],
     "3-3-8, KD-DETR + memory imitation (weight 30), learning rate 2e-3, oscillation dampening + freezing": [
-        "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr+memory", "--memory_weight", "30",
-        "--learning_rate", "2e-3", "--oscillation_dampening", "0.5", "--oscillation_freeze_threshold", "0.02",
+        *KD_MEMORY_3BIT, "--learning_rate", "2e-3", "--oscillation_dampening", "0.5", "--oscillation_freeze_threshold", "0.02",
     ],
-    # The optimizer at the default's 2e-3, where clipping to DETR's norm 0.1 acts at every step (gradient norms 40-110):
+    # The optimizer at the default's 2e-3, where clipping to DETR's norm 0.1 acts at every step (README "Below 4 bits"):
     # without clipping, or with a shorter second-moment memory (beta2 0.99: 100 steps instead of 1,000).
     **{
         f"3-3-8, KD-DETR + memory imitation (weight 30), learning rate 2e-3, {label}": [
-            "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr+memory", "--memory_weight", "30",
-            "--learning_rate", "2e-3", *flags,
+            *KD_MEMORY_3BIT, "--learning_rate", "2e-3", *flags,
         ]
         for label, flags in (
             ("no gradient clipping", ["--max_grad_norm", "0"]),
@@ -168,8 +175,7 @@ ROWS: dict[str, list[str]] = {
     },
     # A cheaper step: KD-DETR without its general (random-query) set, one of its two extra decoder passes.
     "3-3-8, KD-DETR without general sampling + memory imitation (weight 30), learning rate 2e-3": [
-        "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr+memory", "--memory_weight", "30",
-        "--learning_rate", "2e-3", "--kd_general", "false",
+        *KD_MEMORY_3BIT, "--learning_rate", "2e-3", "--kd_general", "false",
     ],
 }  # fmt: skip
 

@@ -531,7 +531,7 @@ def test_schedule_length_reads_and_refits_only_get_scheduler_schedules():
     assert [round(f(4), 6) for f in scheduler.lr_lambdas] == [0.5]  # (6 - 4) / (6 - 2): decays over 6 steps now
     assert scheduler.lr_lambdas[0].keywords["num_warmup_steps"] == 2
 
-    # Any other schedule has no length to read; refitting it is refused, and the time limit leaves it alone.
+    # Any other schedule has no length to read, and refitting it is refused.
     other = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     assert schedule_length(other) is None and schedule_length(None) is None
     with pytest.raises(ValueError, match="get_scheduler"):
