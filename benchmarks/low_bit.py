@@ -173,10 +173,15 @@ ROWS: dict[str, list[str]] = {
             ("Adam beta2 0.99", ["--adam_beta2", "0.99"]),
         )
     },
-    # A cheaper step: KD-DETR without its general (random-query) set, one of its two extra decoder passes.
-    "3-3-8, KD-DETR without general sampling + memory imitation (weight 30), learning rate 2e-3": [
-        *KD_MEMORY_3BIT, "--learning_rate", "2e-3", "--kd_general", "false",
-    ],
+    # A cheaper step: KD-DETR without its general (random-query) set, one of its two extra decoder passes; at 3 bits
+    # (the 3-bit default now) and with the 2-bit default's memory weight at 2 bits.
+    **{
+        f"{b}-{b}-8, KD-DETR without general sampling + memory imitation (weight {w}), learning rate 2e-3": [
+            "--weight_bits", b, "--activation_bits", b, "--distillation", "kd_detr+memory", "--memory_weight", w,
+            "--learning_rate", "2e-3", "--kd_general", "false",
+        ]
+        for b, w in (("3", "30"), ("2", "10"))
+    },
 }  # fmt: skip
 
 
@@ -359,6 +364,8 @@ def run_rows(args, results: dict[str, Any]) -> None:
     # A time budget buys different steps on different processors: its rows are kept per machine.
     budget = f"{args.minutes:g} min on {cpu}" if args.minutes else f"{args.steps} steps"
     budget_tag = f"{args.minutes:g}min" if args.minutes else f"{args.steps}steps"  # in the run folders' names
+    if args.seed is not None:  # another seed of a row is a row of its own, beside the default seed's
+        budget, budget_tag = f"{budget}, seed {args.seed}", f"{budget_tag}-seed{args.seed}"
     for name in args.rows:
         key = f"{name} @ {budget}"
         if key in rows:
@@ -376,7 +383,7 @@ def run_rows(args, results: dict[str, Any]) -> None:
             "--max_steps", str(3000 if args.minutes else args.steps), *limit, "--export_onnx", "false",
             "--overwrite_output_dir", "true", "--teacher_model_name_or_path", str(args.teacher),
             "--image_size", str(args.image_size), *(QUICK_RUN if args.quick else []), *MAIN_JOB_STUDENT,
-            *MAIN_JOB_LEARNING_RATE, *extra,
+            *MAIN_JOB_LEARNING_RATE, *extra, *(["--seed", str(args.seed)] if args.seed is not None else []),
         ]  # fmt: skip
         started = time.time()
         subprocess.run(command, check=True)
@@ -409,7 +416,7 @@ def save(results: dict[str, Any], output_dir: str | Path) -> None:
 
 def share_of_teacher(row: dict[str, Any]) -> str:
     """A row's AP as a share of its teacher's ("n/a" for a teacher at 0 AP, such as a test's untrained one)."""
-    return f"{100 * row['AP'] / row['teacher_AP']:.0f}%" if row["teacher_AP"] > 0 else "n/a"
+    return f"{100 * row['AP'] / row['teacher_AP']:.1f}%" if row["teacher_AP"] > 0 else "n/a"
 
 
 def to_markdown(results: dict[str, Any]) -> str:
@@ -507,6 +514,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="Runs: a training-time budget instead (the main job's: 3,000 steps under this limit); rows keep the "
         "machine to themselves.",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Runs: the seed (examples/distill.py's default, 42, when not given), which also draws the synthetic "
+        "training and validation images: compare another seed's row by its share of the teacher, measured on its own "
+        "images. Its rows are kept beside the default seed's, their budget naming the seed.",
     )
     parser.add_argument(
         "--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW", help=f"Runs: any of {list(ROWS)}."

@@ -199,4 +199,10 @@ def test_low_bit_time_budget_rows_are_kept_per_processor(tmp_path, monkeypatch):
     # Rows run at the main job's learning rate whatever a width's defaults become, unless they name their own.
     low_bit.main([*argv[:5], "3-3-8, KD-DETR, learning rate 2e-3", *argv[6:]])
     assert [last_learning_rate(c) for c in calls] == ["6e-4", "6e-4", "2e-3"]
-    assert "| 3-3-8, KD-DETR @ 12 min on CPU A | 1001 | 25.0 (58%) |" in (tmp_path / "low_bit.md").read_text()
+    assert "| 3-3-8, KD-DETR @ 12 min on CPU A | 1001 | 25.0 (58.1%) |" in (tmp_path / "low_bit.md").read_text()
+    # Another seed is a row of its own: the training command gets it, the default seed's row stays.
+    runs = low_bit.main([*argv, "--seed", "1"])["runs"]
+    assert calls[-1][calls[-1].index("--seed") + 1] == "1" and "--seed" not in calls[0]
+    assert "seed1" in calls[-1][calls[-1].index("--output_dir") + 1]
+    assert runs["3-3-8, KD-DETR @ 12 min on CPU B, seed 1"]["steps"] == 1004
+    assert runs["3-3-8, KD-DETR @ 12 min on CPU B"]["steps"] == 1002
