@@ -682,6 +682,8 @@ def run_settings(model_args, distill_args, data_args, low_bit_args=None) -> dict
     data = {k: getattr(data_args, k) for k in ("dataset_name", "dataset_format", "train_split", "image_size")}
     if data_args.dataset_name == "synthetic":
         data["num_train_images"] = data_args.num_train_images
+        if data_args.synthetic_seed is not None:  # (absent otherwise, so that earlier runs still resume)
+            data["synthetic_seed"] = data_args.synthetic_seed
     return {
         **{f"model.{k}": v for k, v in asdict(model_args).items()},
         **{f"low_bit.{k}": v for k, v in asdict(low_bit_args or LowBitArguments()).items()},

@@ -204,5 +204,7 @@ def test_low_bit_time_budget_rows_are_kept_per_processor(tmp_path, monkeypatch):
     runs = low_bit.main([*argv, "--seed", "1"])["runs"]
     assert calls[-1][calls[-1].index("--seed") + 1] == "1" and "--seed" not in calls[0]
     assert "seed1" in calls[-1][calls[-1].index("--output_dir") + 1]
+    # ... and every row, of any seed, trains and is scored on the default seed's images.
+    assert all(c[c.index("--synthetic_seed") + 1] == str(low_bit.IMAGES_SEED) == "42" for c in calls)
     assert runs["3-3-8, KD-DETR @ 12 min on CPU B, seed 1"]["steps"] == 1004
     assert runs["3-3-8, KD-DETR @ 12 min on CPU B"]["steps"] == 1002

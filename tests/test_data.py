@@ -458,6 +458,18 @@ def test_dispatch_synthetic_splits_use_disjoint_seeds() -> None:
         load_detection_dataset("synthetic", split="trainval")
 
 
+def test_dataset_arguments_synthetic_seed_keeps_the_images_whatever_the_training_seed() -> None:
+    from qdetr_hf.data.loading import DatasetArguments
+
+    sizes = {"num_train_images": 2, "num_eval_images": 2, "synthetic_cache_mb": 0}
+    fixed = DatasetArguments(**sizes, synthetic_seed=7).load(32, seed=1)
+    assert [split.seed for split in fixed] == [7, 1_000_007]  # the training seed (1) draws no image
+    assert [split.seed for split in DatasetArguments(**sizes).load(32, seed=1)] == [1, 1_000_001]
+    for bad in (-1, 1_000_000):  # at 1,000,000 its training images would be another seed's validation images
+        with pytest.raises(ValueError, match=rf"synthetic_seed must be in .* got {bad}"):
+            DatasetArguments(synthetic_seed=bad)
+
+
 @needs_bccd
 def test_dispatch_voc() -> None:
     with warnings.catch_warnings():

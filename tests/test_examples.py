@@ -405,6 +405,13 @@ def test_the_datasets_classes_must_be_the_teachers(tmp_path, distill, names, mes
         distill.main([*args, "--image_size", "64"])
 
 
+def test_a_bad_synthetic_seed_is_refused_from_the_command_line(tmp_path, tiny_teacher_dir, distill):
+    args = ["--teacher_model_name_or_path", str(tiny_teacher_dir), "--output_dir", str(tmp_path / "out"), *TINY_RUN]
+    with pytest.raises(ValueError, match=r"synthetic_seed must be in .* got -1"):
+        distill.main([*args, "--synthetic_seed", "-1"])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_an_output_folder_resumes_only_its_own_run(tmp_path, tiny_teacher_dir, distill, caplog):
     output_dir = tmp_path / "run"

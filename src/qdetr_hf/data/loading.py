@@ -132,8 +132,29 @@ class DatasetArguments:
         },
     )
 
+    synthetic_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Synthetic data only: the seed the training and evaluation images are drawn from (default: the "
+            "training --seed), so that runs at other training seeds can be scored on the same images."
+        },
+    )
+
+    def __post_init__(self):
+        if (
+            self.synthetic_seed is not None
+            and not 0 <= self.synthetic_seed < SYNTHETIC_SPLIT_SEED_OFFSETS["validation"]
+        ):
+            raise ValueError(
+                f"synthetic_seed must be in [0, {SYNTHETIC_SPLIT_SEED_OFFSETS['validation']:,}) so that the splits' "
+                f"images stay apart, got {self.synthetic_seed}"
+            )
+
     def load(self, image_size: int, seed: int = 0) -> tuple[DetectionDataset, DetectionDataset]:
-        """The training and evaluation datasets (synthetic images are generated at ``image_size`` from ``seed``)."""
+        """The training and evaluation datasets (synthetic images are generated at ``image_size`` from
+        ``synthetic_seed``, or from ``seed`` when it is not set)."""
+        if self.synthetic_seed is not None:
+            seed = self.synthetic_seed
         splits = []
         for split, num_images in ((self.train_split, self.num_train_images), (self.eval_split, self.num_eval_images)):
             kwargs: dict[str, Any] = {}
