@@ -338,7 +338,7 @@ MAIN_JOB_DEFAULTS = [
 
 LOW_BIT_DEFAULTS: dict[int, list[str]] = {
     3: ["--distillation", "kd_detr+memory", "--kd_general", "false", "--learning_rate", "2e-3"],
-    2: ["--distillation", "kd_detr+memory", "--memory_weight", "10", "--learning_rate", "2e-3"],
+    2: ["--distillation", "kd_detr+memory", "--kd_general", "false", "--memory_weight", "10", "--learning_rate", "2e-3"],
 }  # fmt: skip
 """Per ``--weight_bits``, what replaces the main job's options for a student below 4 bits: the best recipe measured at
 that width within the main job's time (benchmarks/results/low_bit.md, README "Below 4 bits")."""
