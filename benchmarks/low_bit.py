@@ -41,9 +41,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / "work" / "low_bit"
 GROUPS = ("stem", "backbone", "encoder attention", "encoder FFN", "decoder attention", "decoder FFN")
 MAIN_JOB_STUDENT = ["--integer_zero_points", "true", "--backbone_residual_bits", "8"]
-# The learning rate every row was measured at unless it names its own: a width's defaults in examples/distill.py
-# (LOW_BIT_DEFAULTS) change with what these rows find, and a committed row must still mean what it measured.
-MAIN_JOB_LEARNING_RATE = ["--learning_rate", "6e-4"]
+# The main job's values of every option a width's defaults in examples/distill.py (LOW_BIT_DEFAULTS) set, which every
+# row runs at unless it names its own: those defaults change with what these rows find, and a committed row must still
+# mean what it measured (the distillation method they set too is named by every row).
+MAIN_JOB_RECIPE = ["--learning_rate", "6e-4", "--kd_general", "true", "--memory_weight", "30"]
 # The seed of the synthetic images every row trains and is scored on (examples/distill.py's default seed): rows of
 # other training seeds (--seed) keep them.
 IMAGES_SEED = 42
@@ -108,6 +109,9 @@ ROWS: dict[str, list[str]] = {
     "mixed precision at the 2-2-8 size, 8-bit heads, 4-bit activations, KD-DETR": mixed("2-2-8", 4, "kd_detr"),
     "mixed precision at the 3-3-8 size, 8-bit heads, 3-bit activations, KD-DETR": mixed("3-3-8", 3, "kd_detr"),
     "mixed precision at the 3-3-8 size, 8-bit heads, 4-bit activations, KD-DETR": mixed("3-3-8", 4, "kd_detr"),
+    "mixed precision at the 3-3-8 size, 8-bit heads, 4-bit activations, KD-DETR without general sampling": [
+        *mixed("3-3-8", 4, "kd_detr"), "--kd_general", "false",
+    ],
     # Whether the steps' slow movement within the main job's time (the rows' step-change column) holds 3-bit back.
     "3-3-8, KD-DETR, quantizer learning rate 2e-3": [
         "--weight_bits", "3", "--activation_bits", "3", "--distillation", "kd_detr", "--quantizer_learning_rate", "2e-3",
@@ -386,7 +390,7 @@ def run_rows(args, results: dict[str, Any]) -> None:
             "--max_steps", str(3000 if args.minutes else args.steps), *limit, "--export_onnx", "false",
             "--overwrite_output_dir", "true", "--teacher_model_name_or_path", str(args.teacher),
             "--image_size", str(args.image_size), *(QUICK_RUN if args.quick else []), *MAIN_JOB_STUDENT,
-            *MAIN_JOB_LEARNING_RATE, *extra, *(["--seed", str(args.seed)] if args.seed is not None else []),
+            *MAIN_JOB_RECIPE, *extra, *(["--seed", str(args.seed)] if args.seed is not None else []),
             "--synthetic_seed", str(IMAGES_SEED),
         ]  # fmt: skip
         started = time.time()

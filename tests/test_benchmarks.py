@@ -161,10 +161,8 @@ def test_memory_error_is_zero_against_itself_and_grows_with_quantization(tiny_te
     assert low_bit.memory_error(model, teacher, dataset, collator) > 0.0
 
 
-def test_low_bit_time_budget_rows_are_kept_per_processor(tmp_path, monkeypatch):
-    """A time budget buys different steps on different processors, so its rows never stand in for each other."""
-    low_bit = _load("low_bit")
-    calls = []
+def _fake_distill_runs(calls: list[list[str]]):
+    """A stand-in for ``subprocess.run`` of examples/distill.py: records the command, writes a results.json."""
 
     def fake_run(command, check):
         calls.append(command)
@@ -180,7 +178,14 @@ def test_low_bit_time_budget_rows_are_kept_per_processor(tmp_path, monkeypatch):
         }
         (output / "results.json").write_text(json.dumps(run))
 
-    monkeypatch.setattr(low_bit.subprocess, "run", fake_run)
+    return fake_run
+
+
+def test_low_bit_time_budget_rows_are_kept_per_processor(tmp_path, monkeypatch):
+    """A time budget buys different steps on different processors, so its rows never stand in for each other."""
+    low_bit = _load("low_bit")
+    calls = []
+    monkeypatch.setattr(low_bit.subprocess, "run", _fake_distill_runs(calls))
     argv = ["--part", "runs", "--minutes", "12", "--rows", "3-3-8, KD-DETR", "--output_dir", str(tmp_path)]
     argv += ["--work_dir", str(tmp_path / "work")]
     for cpu in ("CPU A", "CPU A", "CPU B"):
@@ -208,3 +213,37 @@ def test_low_bit_time_budget_rows_are_kept_per_processor(tmp_path, monkeypatch):
     assert all(c[c.index("--synthetic_seed") + 1] == str(low_bit.IMAGES_SEED) == "42" for c in calls)
     assert runs["3-3-8, KD-DETR @ 12 min on CPU B, seed 1"]["steps"] == 1004
     assert runs["3-3-8, KD-DETR @ 12 min on CPU B"]["steps"] == 1002
+
+
+def test_low_bit_rows_keep_their_recipe_whatever_the_width_defaults_become(tmp_path, monkeypatch):
+    """examples/distill.py's per-width defaults (LOW_BIT_DEFAULTS) follow these rows' findings; a row that does not
+    name a learning rate, KD-DETR query set or memory weight still trains at the main job's, as when it was measured."""
+    low_bit = _load("low_bit")
+    spec = importlib.util.spec_from_file_location("distill", REPO_ROOT / "examples" / "distill.py")
+    distill = importlib.util.module_from_spec(spec)
+    sys.modules["distill"] = distill
+    spec.loader.exec_module(distill)
+    set_by_defaults = {flag for options in distill.LOW_BIT_DEFAULTS.values() for flag in options[::2]}
+    assert set_by_defaults <= {*low_bit.MAIN_JOB_RECIPE[::2], "--distillation"}  # every row names its method
+    calls = []
+    monkeypatch.setattr(low_bit.subprocess, "run", _fake_distill_runs(calls))
+    expected = {  # row -> (learning rate, KD-DETR general set, memory weight)
+        "3-3-8, KD-DETR": (6e-4, True, 30.0),
+        "2-2-8, KD-DETR + memory imitation (weight 10), learning rate 2e-3": (2e-3, True, 10.0),
+        "3-3-8, KD-DETR without general sampling + memory imitation (weight 30), learning rate 2e-3": (
+            2e-3,
+            False,
+            30.0,
+        ),
+        "2-2-8, KD-DETR without general sampling + memory imitation (weight 10), learning rate 2e-3": (
+            2e-3,
+            False,
+            10.0,
+        ),
+    }
+    low_bit.main(["--part", "runs", "--steps", "5", "--rows", *expected, "--output_dir", str(tmp_path)])
+    parser = distill.build_parser()
+    for row, command in zip(expected, calls, strict=True):
+        _, _, distill_args, _, _, training_args = distill.parse_arguments(parser, command[2:])
+        got = (training_args.learning_rate, distill_args.kd_general, distill_args.memory_weight)
+        assert got == expected[row], row
