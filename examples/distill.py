@@ -304,8 +304,8 @@ MSE-searched weight and activation steps, the DA affine fitted at calibration, a
 points, an 8-bit residual stream). On other data start from the paper's --learning_rate 1e-4, set --max_steps for your
 budget (it drops the time limit), and keep the best checkpoint by AP (the main job evaluates every --eval_steps).
 Below 4 bits the best recipe measured at that width replaces parts of it (2 and 3 bits: KD-DETR plus encoder-memory
-imitation at learning rate 2e-3, at 3 bits without KD-DETR's general query set; README "Below 4 bits"); options on the
-command line still win."""
+imitation at learning rate 2e-3, without KD-DETR's general query set; README "Below 4 bits"); options on the command
+line still win."""
 
 # Each value below was measured on the synthetic data (README "Main job"); every one can be overridden. A command line
 # that sets its own --max_steps drops the training time limit unless it sets --max_train_minutes too

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,15 @@ TINY_DETR = {
     "num_labels": 3,
     "dropout": 0.0,
 }
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

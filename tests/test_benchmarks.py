@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_example
 
 
 def _load(name: str):
@@ -219,10 +219,7 @@ def test_low_bit_rows_keep_their_recipe_whatever_the_width_defaults_become(tmp_p
     """examples/distill.py's per-width defaults (LOW_BIT_DEFAULTS) follow these rows' findings; a row that does not
     name a learning rate, KD-DETR query set or memory weight still trains at the main job's, as when it was measured."""
     low_bit = _load("low_bit")
-    spec = importlib.util.spec_from_file_location("distill", REPO_ROOT / "examples" / "distill.py")
-    distill = importlib.util.module_from_spec(spec)
-    sys.modules["distill"] = distill
-    spec.loader.exec_module(distill)
+    distill = load_example("distill")
     set_by_defaults = {flag for options in distill.LOW_BIT_DEFAULTS.values() for flag in options[::2]}
     assert set_by_defaults <= {*low_bit.MAIN_JOB_RECIPE[::2], "--distillation"}  # every row names its method
     calls = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -11,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_detr_kwargs
+from conftest import REPO_ROOT, load_example, tiny_detr_kwargs
 from huggingface_hub import ModelCard
 from transformers import AutoImageProcessor, DetrConfig, DetrForObjectDetection
 
@@ -36,17 +35,9 @@ TINY_RUN = [
 ]  # fmt: skip
 
 
-def _load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def distill():
-    return _load_example("distill")
+    return load_example("distill")
 
 
 @pytest.mark.slow
@@ -330,7 +321,7 @@ def test_two_process_cpu_launch(tmp_path, tiny_teacher_dir):
 
 @pytest.mark.slow
 def test_train_teacher_from_scratch_saves_a_detr_with_frozen_batch_norm(tmp_path):
-    train_teacher = _load_example("train_teacher")
+    train_teacher = load_example("train_teacher")
     output_dir = tmp_path / "teacher"
     args = ["--output_dir", str(output_dir), "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2"]
     args += ["--num_train_images", "8", "--num_eval_images", "4", "--image_size", "64", "--d_model", "32"]
@@ -358,7 +349,7 @@ def test_train_teacher_from_scratch_saves_a_detr_with_frozen_batch_norm(tmp_path
 
 
 def test_dense_backbone_targets_label_the_smallest_covering_box():
-    train_teacher = _load_example("train_teacher")
+    train_teacher = load_example("train_teacher")
     labels = [
         # A 0.5 x 0.5 box (class 0) at the top-left and a 0.2 x 0.2 box (class 2) inside it.
         {"boxes": torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.3, 0.3, 0.2, 0.2]]), "class_labels": torch.tensor([0, 2])},
@@ -373,7 +364,7 @@ def test_dense_backbone_targets_label_the_smallest_covering_box():
 
 
 def test_from_scratch_teachers_use_the_original_detr_initialisation():
-    train_teacher = _load_example("train_teacher")
+    train_teacher = load_example("train_teacher")
     torch.manual_seed(0)
     model = DetrForObjectDetection(DetrConfig(**tiny_detr_kwargs(num_queries=64, d_model=64)))
     # transformers' own initialisation: N(0, 0.02) queries, far smaller than the LayerNorm-ed decoder states.
