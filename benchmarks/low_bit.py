@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -539,6 +540,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work_dir", default=str(WORK), help="Where the rows' training runs are written.")
     parser.add_argument("--quick", action="store_true", help="A few images and steps per row (smoke test).")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.num_eval_images < 1:
+        parser.error(f"--steps and --num_eval_images must be >= 1, got {args.steps} and {args.num_eval_images}")
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
+        parser.error(f"--minutes must be a positive number, got {args.minutes}")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must be in [0, 2**32) (numpy's seeds), got {args.seed}")
     if args.quick:
         args.num_eval_images, args.steps = min(args.num_eval_images, 8), min(args.steps, 2)
     path = Path(args.output_dir) / "low_bit.json"

@@ -181,7 +181,7 @@ def _fake_distill_runs(calls: list[list[str]]):
     return fake_run
 
 
-def test_low_bit_time_budget_rows_are_kept_per_processor(tmp_path, monkeypatch):
+def test_low_bit_time_budget_rows_are_kept_per_processor(tmp_path, monkeypatch, capsys):
     """A time budget buys different steps on different processors, so its rows never stand in for each other."""
     low_bit = _load("low_bit")
     calls = []
@@ -212,6 +212,12 @@ def test_low_bit_time_budget_rows_are_kept_per_processor(tmp_path, monkeypatch):
     # ... and every row, of any seed, trains and is scored on the default seed's images.
     assert all(c[c.index("--synthetic_seed") + 1] == str(low_bit.IMAGES_SEED) == "42" for c in calls)
     assert runs["3-3-8, KD-DETR @ 12 min on CPU B, seed 1"]["steps"] == 1004
+    # Bad budgets and seeds are refused before anything runs.
+    for flag, bad in (("--seed", "-1"), ("--steps", "0"), ("--minutes", "0"), ("--num_eval_images", "0")):
+        with pytest.raises(SystemExit):
+            low_bit.main([*argv, flag, bad])
+        assert f"{flag} " in capsys.readouterr().err
+    assert len(calls) == 4
     assert runs["3-3-8, KD-DETR @ 12 min on CPU B"]["steps"] == 1002
 
 

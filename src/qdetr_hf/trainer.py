@@ -121,6 +121,8 @@ class QDetrTrainingArguments(TrainingArguments):
             math.isfinite(self.max_train_minutes) and self.max_train_minutes > 0
         ):
             raise ValueError(f"max_train_minutes must be a positive number or None, got {self.max_train_minutes!r}.")
+        if not 0 <= self.seed < 2**32:  # numpy's range: `set_seed` would fail only once the run has started
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed!r}.")
         super().__post_init__()
 
 
