@@ -578,9 +578,14 @@ def test_time_limit_stops_at_the_step_that_uses_up_the_budget(tmp_path):
             TimeLimitCallback(bad)
         with pytest.raises(ValueError, match="max_train_minutes"):
             QDetrTrainingArguments(output_dir=str(tmp_path), max_train_minutes=bad)
-    for bad in (-1, 2**32):  # outside numpy's seeds, `set_seed` would fail only once the run had started
+
+
+def test_training_arguments_refuse_a_seed_numpy_cannot_take(tmp_path):
+    """Outside [0, 2**32), `set_seed` would fail only once the run had started; the arguments refuse it up front."""
+    for bad in (-1, 2**32):
         with pytest.raises(ValueError, match=rf"seed must be in \[0, 2\*\*32\), got {bad}"):
             QDetrTrainingArguments(output_dir=str(tmp_path), seed=bad)
+    assert QDetrTrainingArguments(output_dir=str(tmp_path), seed=2**32 - 1).seed == 2**32 - 1
 
 
 def test_max_train_minutes_ends_the_run_with_a_final_checkpoint(tmp_path, student, teacher, tiny_shapes):
