@@ -39,13 +39,18 @@ TINY_DETR = {
 }
 
 
-def load_example(name: str):
-    """Import ``examples/<name>.py`` as module ``name``."""
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
+def load_script(path: Path, module_name: str):
+    """Import the script at ``path`` (not a package module) as module ``module_name``."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
+    sys.modules[module_name] = module  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` as module ``name``."""
+    return load_script(REPO_ROOT / "examples" / f"{name}.py", name)
 
 
 def free_port() -> int:

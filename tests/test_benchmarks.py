@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, load_example
+from conftest import REPO_ROOT, load_example, load_script
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """Import ``benchmarks/<name>.py`` as module ``bench_<name>``."""
+    return load_script(REPO_ROOT / "benchmarks" / f"{name}.py", f"bench_{name}")
 
 
 @pytest.mark.slow
